@@ -1,0 +1,457 @@
+//! The template renderer: consumes notification requests (from producers over AMQP, or from the
+//! ingress outbox), renders every channel variant strictly, writes one delivery row per
+//! recipient × channel and publishes the delivery jobs.
+
+mod template;
+
+use std::sync::Arc;
+
+use herald_amqp::{AmqpSettings, BasicProperties, Broker, Delivery, Disposition, FieldTable, Lane};
+use herald_contract::v1::{DeliveryJob, NotificationRequest};
+use herald_contract::{SCHEMA_VERSION, channels, decode_json, encode_json, headers};
+use herald_store::{NewDelivery, NewMessage, Store, StoreSettings};
+use herald_telemetry::TelemetrySettings;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+use uuid::Uuid;
+
+pub use template::{RenderError, TemplateDefinition};
+
+/// The renderer's configuration (sections of herald.toml).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RendererConfig {
+    pub amqp: AmqpSettings,
+    pub postgres: StoreSettings,
+    pub telemetry: TelemetrySettings,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RendererError {
+    #[error("admin listener: {0}")]
+    Admin(#[from] std::io::Error),
+    #[error(transparent)]
+    Amqp(#[from] herald_amqp::AmqpError),
+    #[error(transparent)]
+    Store(#[from] herald_store::StoreError),
+}
+
+/// Namespace for message ids derived from AMQP message ids or bodies.
+const MESSAGE_ID_NAMESPACE: Uuid = Uuid::from_u128(0x6865_7261_6c64_2d6d_7367_2d69_6473_0001);
+
+struct Renderer {
+    broker: Broker,
+    store: Store,
+    queue: String,
+}
+
+/// Failures that decide a message's fate.
+enum Failure {
+    /// Unusable as sent: park it.
+    Poison {
+        reason: &'static str,
+        detail: String,
+    },
+    /// A well-formed request that cannot be rendered: record the rejection, park it.
+    Rejected {
+        message_id: Uuid,
+        error: RenderError,
+    },
+    /// Infrastructure trouble: try again.
+    Transient(String),
+}
+
+impl From<herald_store::StoreError> for Failure {
+    fn from(error: herald_store::StoreError) -> Self {
+        Failure::Transient(error.to_string())
+    }
+}
+
+impl From<herald_amqp::AmqpError> for Failure {
+    fn from(error: herald_amqp::AmqpError) -> Self {
+        Failure::Transient(error.to_string())
+    }
+}
+
+/// Runs the renderer until `shutdown`.
+pub async fn run(config: RendererConfig, shutdown: CancellationToken) -> Result<(), RendererError> {
+    let broker = Broker::connect(&config.amqp, "renderer").await?;
+    broker.declare_topology().await?;
+    // Stops the relay too when consuming ends for any reason.
+    let stop = shutdown.child_token();
+    let (store, relay) = Store::open(&config.postgres, &broker, stop.clone()).await?;
+    herald_telemetry::spawn_admin(&config.telemetry, store.ready_check(&broker), stop.clone())
+        .await?;
+    let queue = broker.topology().render_queue();
+    let consumer = broker.consume(&queue, "herald-renderer").await?;
+    tracing::info!(%queue, "renderer consuming");
+    let renderer = Arc::new(Renderer {
+        broker: broker.clone(),
+        store,
+        queue,
+    });
+    let consumed = consumer
+        .run(
+            broker.clone(),
+            usize::from(config.amqp.prefetch),
+            stop.clone(),
+            move |delivery| {
+                let renderer = renderer.clone();
+                async move { renderer.handle(delivery).await }
+            },
+        )
+        .await;
+    stop.cancel();
+    let _ = relay.await;
+    broker.close().await;
+    Ok(consumed?)
+}
+
+impl Renderer {
+    async fn handle(&self, delivery: Arc<Delivery>) -> Disposition {
+        let span = herald_amqp::trace::consumer_span(&self.queue, &delivery);
+        match self.process(&delivery).instrument(span.clone()).await {
+            Ok(()) => Disposition::Ack,
+            Err(Failure::Poison { reason, detail }) => Disposition::DeadLetter { reason, detail },
+            Err(Failure::Rejected { message_id, error }) => {
+                let detail = error.to_string();
+                if let Err(e) = self.store.reject_message(message_id, &detail).await {
+                    return Disposition::Requeue {
+                        error: e.to_string(),
+                    };
+                }
+                tracing::warn!(parent: &span, %message_id, %detail, "request rejected");
+                Disposition::DeadLetter {
+                    reason: "rejected",
+                    detail,
+                }
+            }
+            Err(Failure::Transient(error)) => Disposition::Requeue { error },
+        }
+    }
+
+    async fn process(&self, delivery: &Delivery) -> Result<(), Failure> {
+        let request: NotificationRequest =
+            decode_json(&delivery.data).map_err(|e| Failure::Poison {
+                reason: "decode_error",
+                detail: e.to_string(),
+            })?;
+        let id = message_id(&request, delivery)?;
+        tracing::Span::current().record("herald.message_id", tracing::field::display(id));
+
+        // A message already stored (accepted over REST, or a redelivery) is processed as
+        // stored: its tenant and request are authoritative, not this body.
+        let record = match self.store.message(id).await? {
+            Some(record) => record,
+            None => {
+                let tenant = self.tenant_of(delivery).await?;
+                let mut request = request;
+                request.id = id.to_string();
+                request.tenant = tenant.clone();
+                let template_id = request
+                    .template
+                    .as_ref()
+                    .map(|t| t.id.clone())
+                    .unwrap_or_default();
+                let json = serde_json::to_value(&request).unwrap_or_default();
+                self.store
+                    .ensure_message(&NewMessage {
+                        id,
+                        tenant_id: tenant,
+                        template_id,
+                        idempotency_key: Some(request.idempotency_key.clone())
+                            .filter(|k| !k.is_empty()),
+                        request: json,
+                        request_hash: Sha256::digest(&delivery.data).to_vec(),
+                        source: "amqp",
+                        traceparent: herald_telemetry::current_traceparent(),
+                    })
+                    .await?
+            }
+        };
+        tracing::Span::current().record("herald.tenant", record.tenant_id.as_str());
+        if record.state == "rejected" {
+            return Ok(());
+        }
+        let request: NotificationRequest =
+            serde_json::from_value(record.request.clone()).map_err(|e| Failure::Poison {
+                reason: "decode_error",
+                detail: format!("stored request: {e}"),
+            })?;
+        let planned = self
+            .plan(&record.tenant_id, id, &request)
+            .await?
+            .map_err(|error| Failure::Rejected {
+                message_id: id,
+                error,
+            })?;
+        // A recipient who unfollowed the account gets no send: the delivery is created as
+        // `suppressed` (reason `unsubscribed`) and no job is published for it.
+        let (planned, suppressed) = self.split_unfollowed(planned).await?;
+        if !suppressed.is_empty() {
+            self.store
+                .create_suppressed_deliveries(
+                    id,
+                    &record.tenant_id,
+                    &suppressed,
+                    "unsubscribed",
+                    "the recipient has unfollowed the Official Account",
+                )
+                .await?;
+            tracing::info!(
+                suppressed = suppressed.len(),
+                "deliveries suppressed: unsubscribed"
+            );
+        }
+        let rows: Vec<NewDelivery> = planned.iter().map(|(row, _)| row.clone()).collect();
+        self.store
+            .create_deliveries(id, &record.tenant_id, &rows)
+            .await?;
+        let publisher = self.broker.publisher();
+        let exchange = self.broker.topology().deliveries_exchange();
+        let publishes = planned.iter().map(|(row, job)| {
+            let mut table = FieldTable::default();
+            herald_amqp::trace::inject_current(&mut table);
+            table.insert(
+                headers::SCHEMA_VERSION.into(),
+                herald_amqp::AMQPValue::LongString(SCHEMA_VERSION.into()),
+            );
+            table.insert(
+                headers::ATTEMPT.into(),
+                herald_amqp::AMQPValue::LongLongInt(1),
+            );
+            let properties = BasicProperties::default()
+                .with_content_type("application/json".into())
+                .with_message_id(row.id.to_string().into())
+                .with_priority(job.priority().amqp_priority())
+                .with_headers(table);
+            let publisher = publisher.clone();
+            let exchange = exchange.clone();
+            let body = encode_json(job);
+            // Each priority has its own lane (queue): `<channel>` for normal, `<channel>.<lane>`
+            // for urgent, high and bulk.
+            let routing_key = self
+                .broker
+                .topology()
+                .lane_routing_key(&row.channel, Lane::from(job.priority()));
+            async move {
+                publisher
+                    .publish(&exchange, &routing_key, &body, properties)
+                    .await
+            }
+        });
+        for result in futures::future::join_all(publishes).await {
+            result?;
+        }
+        tracing::info!(deliveries = planned.len(), "rendered");
+        Ok(())
+    }
+
+    async fn tenant_of(&self, delivery: &Delivery) -> Result<String, Failure> {
+        // RabbitMQ validates user_id against the connection's user, so it cannot be forged.
+        let Some(user) = delivery.properties.user_id().as_ref() else {
+            return Err(Failure::Poison {
+                reason: "unauthenticated",
+                detail: "user_id property missing: set it to the publishing RabbitMQ user".into(),
+            });
+        };
+        self.store
+            .tenant_for_amqp_user(user.as_str())
+            .await?
+            .ok_or_else(|| Failure::Poison {
+                reason: "unknown_tenant",
+                detail: format!("no tenant publishes as AMQP user `{user}`"),
+            })
+    }
+
+    /// Splits planned deliveries into those to send and those whose recipient is known to
+    /// have unfollowed the sending account (`wechat.template` only: follow state comes from
+    /// the account's subscribe/unsubscribe callbacks).
+    #[allow(clippy::type_complexity)]
+    async fn split_unfollowed(
+        &self,
+        planned: Vec<(NewDelivery, DeliveryJob)>,
+    ) -> Result<(Vec<(NewDelivery, DeliveryJob)>, Vec<NewDelivery>), Failure> {
+        let mut by_account: std::collections::BTreeMap<&str, Vec<String>> = Default::default();
+        for (row, _) in &planned {
+            if row.channel == channels::WECHAT_TEMPLATE {
+                by_account
+                    .entry(row.provider_account.as_str())
+                    .or_default()
+                    .push(row.recipient.clone());
+            }
+        }
+        let mut unfollowed = std::collections::HashSet::new();
+        for (account, recipients) in by_account {
+            for recipient in self
+                .store
+                .unfollowed_recipients(account, &recipients)
+                .await?
+            {
+                unfollowed.insert((account.to_string(), recipient));
+            }
+        }
+        if unfollowed.is_empty() {
+            return Ok((planned, Vec::new()));
+        }
+        let (suppressed, send): (Vec<_>, Vec<_>) = planned.into_iter().partition(|(row, _)| {
+            row.channel == channels::WECHAT_TEMPLATE
+                && unfollowed.contains(&(row.provider_account.clone(), row.recipient.clone()))
+        });
+        Ok((send, suppressed.into_iter().map(|(row, _)| row).collect()))
+    }
+
+    /// Decides the deliveries of a request and renders their jobs.
+    async fn plan(
+        &self,
+        tenant: &str,
+        message_id: Uuid,
+        request: &NotificationRequest,
+    ) -> Result<Result<Vec<(NewDelivery, DeliveryJob)>, RenderError>, Failure> {
+        let Some(template_ref) = request.template.as_ref().filter(|t| !t.id.is_empty()) else {
+            return Ok(Err(RenderError::new("template.id", "required")));
+        };
+        let version = (template_ref.version > 0)
+            .then(|| i32::try_from(template_ref.version).unwrap_or(i32::MAX));
+        let Some(stored) = self
+            .store
+            .template(tenant, &template_ref.id, version)
+            .await?
+        else {
+            return Ok(Err(RenderError::new(
+                "template.id",
+                format!(
+                    "unknown template `{}`{}",
+                    template_ref.id,
+                    version.map(|v| format!(" version {v}")).unwrap_or_default()
+                ),
+            )));
+        };
+        let definition: TemplateDefinition = match serde_json::from_value(stored.definition) {
+            Ok(definition) => definition,
+            Err(e) => {
+                return Ok(Err(RenderError::new(
+                    "template",
+                    format!("stored definition invalid: {e}"),
+                )));
+            }
+        };
+        let variables: Map<String, Value> = request
+            .variables
+            .as_ref()
+            .and_then(|v| serde_json::to_value(v).ok())
+            .and_then(|v| v.as_object().cloned())
+            .unwrap_or_default();
+        if let Err(e) = definition.check_variables(&variables) {
+            return Ok(Err(e));
+        }
+        if request.recipients.is_empty() {
+            return Ok(Err(RenderError::new(
+                "recipients",
+                "at least one recipient is required",
+            )));
+        }
+        let wanted: Vec<String> = if request.channels.is_empty() {
+            definition.channels.keys().cloned().collect()
+        } else {
+            request.channels.clone()
+        };
+        let mut planned = Vec::new();
+        // One account look-up per channel, not per recipient.
+        let mut accounts: std::collections::HashMap<String, Option<String>> = Default::default();
+        for (index, recipient) in request.recipients.iter().enumerate() {
+            // The first wanted channel this recipient can be reached on (fallback chains
+            // across channels come with the channel work).
+            let choice = wanted.iter().find(|channel| {
+                channels::ALL.contains(&channel.as_str())
+                    && definition.channels.contains_key(channel.as_str())
+                    && address_for(recipient, channel).is_some()
+            });
+            let Some(channel) = choice else {
+                return Ok(Err(RenderError::new(
+                    format!("recipients[{index}]"),
+                    format!("no address for any of the channels [{}]", wanted.join(", ")),
+                )));
+            };
+            let account = match accounts.get(channel.as_str()) {
+                Some(account) => account.clone(),
+                None => {
+                    let found = self.store.default_provider_account(tenant, channel).await?;
+                    accounts.insert(channel.clone(), found.clone());
+                    found
+                }
+            };
+            let Some(account) = account else {
+                return Ok(Err(RenderError::new(
+                    "channels",
+                    format!("tenant has no default provider account for `{channel}`"),
+                )));
+            };
+            let payload = match definition.render_wechat_template(&account, &variables) {
+                Ok(payload) => payload,
+                Err(e) => return Ok(Err(e)),
+            };
+            let address = address_for(recipient, channel)
+                .unwrap_or_default()
+                .to_string();
+            let delivery_id = Uuid::new_v5(&message_id, format!("{index}/{channel}").as_bytes());
+            let job = DeliveryJob {
+                delivery_id: delivery_id.to_string(),
+                message_id: message_id.to_string(),
+                tenant: tenant.to_string(),
+                channel: channel.clone(),
+                provider_account: account.clone(),
+                recipient: address.clone(),
+                payload: serde_json::from_value(payload).ok(),
+                priority: request.priority,
+                attempt: 1,
+                expires_at: request.expires_at,
+                template_id: template_ref.id.clone(),
+            };
+            planned.push((
+                NewDelivery {
+                    id: delivery_id,
+                    channel: channel.clone(),
+                    provider_account: account,
+                    recipient: address,
+                },
+                job,
+            ));
+        }
+        Ok(Ok(planned))
+    }
+}
+
+fn address_for<'a>(
+    recipient: &'a herald_contract::v1::Recipient,
+    channel: &str,
+) -> Option<&'a str> {
+    let address = match channel {
+        channels::WECHAT_TEMPLATE => recipient.wechat_openid.as_str(),
+        _ => "",
+    };
+    (!address.is_empty()).then_some(address)
+}
+
+/// The message id: the request's own, else one derived from the AMQP message id, else from
+/// the body (so a redelivered message without ids maps to the same message).
+fn message_id(request: &NotificationRequest, delivery: &Delivery) -> Result<Uuid, Failure> {
+    if !request.id.is_empty() {
+        return Uuid::parse_str(&request.id).map_err(|_| Failure::Poison {
+            reason: "decode_error",
+            detail: "id: must be a UUID".into(),
+        });
+    }
+    if let Some(amqp_id) = delivery.properties.message_id().as_ref() {
+        let amqp_id = amqp_id.as_str();
+        return Ok(Uuid::parse_str(amqp_id)
+            .unwrap_or_else(|_| Uuid::new_v5(&MESSAGE_ID_NAMESPACE, amqp_id.as_bytes())));
+    }
+    Ok(Uuid::new_v5(
+        &MESSAGE_ID_NAMESPACE,
+        &Sha256::digest(&delivery.data),
+    ))
+}

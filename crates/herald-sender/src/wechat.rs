@@ -1,0 +1,185 @@
+//! WeChat Official Account template messages: the HTTP call and the error-code table.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_json::Value;
+
+/// What to do after an answer from WeChat.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Sent,
+    /// The token was rejected: report it to the token service and retry once at once.
+    RefreshToken,
+    /// Transient: retry from the next tier of the channel's schedule (counts as an attempt).
+    Retry,
+    /// A quota or an account block: wait, in state `deferred`, without using up an attempt.
+    Defer(Defer),
+    /// Will never succeed as sent.
+    Permanent(FailureKind),
+}
+
+/// How long a deferred job waits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Defer {
+    /// Until the channel's configured daily quota reset (WeChat: midnight in Beijing).
+    QuotaReset,
+    /// This long.
+    For(Duration),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    /// This recipient cannot get it (bad openid, not following, refused).
+    Recipient,
+    /// The template (id or arguments) is wrong: fix the template.
+    Template,
+    /// The account is misconfigured (appid, secret, permissions): alert.
+    Config,
+    /// WeChat answered a code this table does not know.
+    Unknown,
+}
+
+/// What an operator is alerted about (`herald_sender_alerts_total{kind}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AlertKind {
+    Config,
+    Template,
+    /// The daily quota is used up: sends wait for the reset.
+    Quota,
+    /// WeChat blocks the server's IP until an admin confirms it (89503).
+    IpBlocked,
+    UnknownCode,
+}
+
+impl AlertKind {
+    pub fn label(self) -> &'static str {
+        match self {
+            AlertKind::Config => "config",
+            AlertKind::Template => "template",
+            AlertKind::Quota => "quota",
+            AlertKind::IpBlocked => "ip_blocked",
+            AlertKind::UnknownCode => "unknown_code",
+        }
+    }
+}
+
+/// The classification table of ../shared/WECHAT.md, one row per errcode.
+pub fn classify(errcode: i64) -> Action {
+    match errcode {
+        0 => Action::Sent,
+        -1 => Action::Retry,
+        40001 | 40014 | 42001 => Action::RefreshToken,
+        40002 | 40013 | 40125 | 48001 => Action::Permanent(FailureKind::Config),
+        40003 | 43004 | 43101 => Action::Permanent(FailureKind::Recipient),
+        40036 | 40037 | 41030 | 47003 => Action::Permanent(FailureKind::Template),
+        45009 => Action::Defer(Defer::QuotaReset),
+        45011 => Action::Defer(Defer::For(Duration::from_secs(60))),
+        // Risky IP awaiting the admin's confirmation: nothing works until then.
+        89503 => Action::Defer(Defer::For(Duration::from_secs(600))),
+        _ => Action::Permanent(FailureKind::Unknown),
+    }
+}
+
+/// Whether an answer needs an operator, and which kind of problem it is.
+pub fn alert(action: Action, errcode: i64) -> Option<AlertKind> {
+    match action {
+        Action::Permanent(FailureKind::Config) => Some(AlertKind::Config),
+        Action::Permanent(FailureKind::Template) => Some(AlertKind::Template),
+        Action::Permanent(FailureKind::Unknown) => Some(AlertKind::UnknownCode),
+        Action::Defer(_) if errcode == 89503 => Some(AlertKind::IpBlocked),
+        Action::Defer(Defer::QuotaReset) => Some(AlertKind::Quota),
+        _ => None,
+    }
+}
+
+/// WeChat's answer to a send.
+#[derive(Debug, Clone, Deserialize)]
+pub struct SendAnswer {
+    #[serde(default)]
+    pub errcode: i64,
+    #[serde(default)]
+    pub errmsg: String,
+    /// Can exceed 2^53: kept as the JSON number's exact text.
+    #[serde(default)]
+    pub msgid: Option<serde_json::Number>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    #[error("wechat unreachable: {0}")]
+    Http(#[from] reqwest::Error),
+    #[error("wechat answered HTTP {0}")]
+    Status(u16),
+}
+
+/// Calls `/cgi-bin/message/template/send`.
+pub async fn send_template(
+    http: &reqwest::Client,
+    base_url: &str,
+    access_token: &str,
+    touser: &str,
+    client_msg_id: &str,
+    payload: &Value,
+) -> Result<SendAnswer, TransportError> {
+    let mut body = payload.clone();
+    if let Some(object) = body.as_object_mut() {
+        object.insert("touser".into(), Value::String(touser.into()));
+        object.insert("client_msg_id".into(), Value::String(client_msg_id.into()));
+    }
+    let mut request = http
+        .post(format!("{base_url}/cgi-bin/message/template/send"))
+        .query(&[("access_token", access_token)])
+        .json(&body);
+    for (name, value) in herald_telemetry::trace_headers() {
+        request = request.header(name, value);
+    }
+    let response = request.send().await?;
+    let status = response.status();
+    if !status.is_success() {
+        return Err(TransportError::Status(status.as_u16()));
+    }
+    Ok(response.json::<SendAnswer>().await?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_follows_the_provider_facts() {
+        assert_eq!(classify(0), Action::Sent);
+        assert_eq!(classify(-1), Action::Retry);
+        for code in [40001, 40014, 42001] {
+            assert_eq!(classify(code), Action::RefreshToken);
+        }
+        assert_eq!(classify(40003), Action::Permanent(FailureKind::Recipient));
+        assert_eq!(classify(43004), Action::Permanent(FailureKind::Recipient));
+        assert_eq!(classify(40037), Action::Permanent(FailureKind::Template));
+        assert_eq!(classify(40125), Action::Permanent(FailureKind::Config));
+        assert_eq!(classify(45009), Action::Defer(Defer::QuotaReset));
+        assert_eq!(
+            classify(45011),
+            Action::Defer(Defer::For(Duration::from_secs(60)))
+        );
+        assert_eq!(classify(99999), Action::Permanent(FailureKind::Unknown));
+        assert_eq!(alert(classify(40037), 40037), Some(AlertKind::Template));
+        assert_eq!(alert(classify(40013), 40013), Some(AlertKind::Config));
+        assert_eq!(alert(classify(45009), 45009), Some(AlertKind::Quota));
+        assert_eq!(alert(classify(89503), 89503), Some(AlertKind::IpBlocked));
+        assert_eq!(alert(classify(43101), 43101), None);
+        assert_eq!(alert(classify(45011), 45011), None);
+        assert_eq!(alert(classify(-1), -1), None);
+    }
+
+    #[test]
+    fn msgid_beyond_2_pow_53_is_kept_exactly() {
+        let answer: SendAnswer =
+            serde_json::from_str(r#"{"errcode":0,"errmsg":"ok","msgid":3000000000000000001}"#)
+                .expect("answer");
+        assert_eq!(
+            answer.msgid.map(|n| n.to_string()).as_deref(),
+            Some("3000000000000000001")
+        );
+    }
+}

@@ -1,0 +1,551 @@
+//! Delivery rows and their state machine.
+
+use std::collections::BTreeMap;
+
+use herald_contract::v1::{DeliveryEvent, DeliveryState as S, StatusEvent};
+use herald_contract::{SCHEMA_VERSION, Timestamp, encode_json, headers};
+use serde_json::json;
+use uuid::Uuid;
+
+use crate::messages::NewDelivery;
+use crate::outbox::OutboxMessage;
+use crate::state::{aggregate_message_state, transition_allowed};
+use crate::{Store, StoreError};
+
+// Deferrals, delivery age and operator reopening (sender and DLQ tools).
+mod sending;
+
+/// What a sender learns when it claims a delivery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// Go ahead: this is attempt `attempt` (1-based).
+    Claimed { attempt: i32 },
+    /// The delivery already has an outcome; ack the job without sending.
+    Finished(S),
+    /// No such delivery (the job outlived its data).
+    Missing,
+}
+
+/// The result of a send attempt, stored before the job is acked.
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    Sent {
+        provider_msgid: String,
+    },
+    /// Will be tried again from a retry tier.
+    Retrying {
+        code: String,
+        message: String,
+        retry_in: String,
+    },
+    Failed {
+        code: String,
+        message: String,
+    },
+}
+
+/// What happened to a provider event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProviderEventOutcome {
+    Applied,
+    /// Seen before (callbacks are retried by providers).
+    Duplicate,
+    /// The delivery is already in a later state (a late or out-of-order event).
+    Stale,
+    /// The send result naming this msgid is not stored yet; kept until it is.
+    Pending,
+}
+
+/// A delivery as a sender sees it.
+#[derive(Debug, Clone)]
+pub struct DeliveryRecord {
+    pub id: Uuid,
+    pub message_id: Uuid,
+    pub tenant_id: String,
+    pub channel: String,
+    pub state: S,
+    pub attempt: i32,
+    pub traceparent: Option<String>,
+}
+
+struct Change<'a> {
+    to: S,
+    source: &'a str,
+    detail: serde_json::Value,
+    dedup_key: Option<&'a str>,
+    error_code: Option<&'a str>,
+    error_message: Option<&'a str>,
+    /// Whether producers hear about it (they do not for `sending`).
+    announce: bool,
+}
+
+fn state_of(name: &str) -> S {
+    S::from_name(name).unwrap_or(S::Unspecified)
+}
+
+/// Advisory-lock key for one provider message: serialises "store the send result" against
+/// "a callback for it arrived", so an early callback is either seen by the sender's
+/// transaction or finds the delivery itself.
+fn msgid_lock_key(account: &str, msgid: &str) -> String {
+    format!("{account}\u{1f}{msgid}")
+}
+
+impl Store {
+    /// Creates the deliveries of a rendered message (idempotent by delivery id) and marks the
+    /// message rendered.
+    pub async fn create_deliveries(
+        &self,
+        message_id: Uuid,
+        tenant: &str,
+        deliveries: &[NewDelivery],
+    ) -> Result<(), StoreError> {
+        let trace_id = herald_telemetry::current_trace_id();
+        let traceparent = herald_telemetry::current_traceparent();
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        for d in deliveries {
+            let inserted = tx
+                .query_opt(
+                    "INSERT INTO deliveries (id, message_id, tenant_id, channel, provider_account,
+                        recipient, state, traceparent)
+                     VALUES ($1, $2, $3, $4, $5, $6, 'queued', $7)
+                     ON CONFLICT (id) DO NOTHING RETURNING id",
+                    &[
+                        &d.id,
+                        &message_id,
+                        &tenant,
+                        &d.channel,
+                        &d.provider_account,
+                        &d.recipient,
+                        &traceparent,
+                    ],
+                )
+                .await?;
+            if inserted.is_some() {
+                tx.execute(
+                    "INSERT INTO delivery_events (delivery_id, state, source, trace_id)
+                     VALUES ($1, 'queued', 'renderer', $2)",
+                    &[&d.id, &trace_id],
+                )
+                .await?;
+                self.announce(
+                    &tx,
+                    d.id,
+                    message_id,
+                    tenant,
+                    &d.channel,
+                    S::Queued,
+                    None,
+                    None,
+                )
+                .await?;
+            }
+        }
+        self.aggregate(&tx, message_id).await?;
+        tx.commit().await?;
+        self.outbox_written();
+        Ok(())
+    }
+
+    /// The delivery with this id.
+    pub async fn delivery(&self, id: Uuid) -> Result<Option<DeliveryRecord>, StoreError> {
+        let row = self
+            .client()
+            .await?
+            .query_opt(
+                "SELECT id, message_id, tenant_id, channel, state, attempt, traceparent
+                 FROM deliveries WHERE id = $1",
+                &[&id],
+            )
+            .await?;
+        Ok(row.map(|r| DeliveryRecord {
+            id: r.get(0),
+            message_id: r.get(1),
+            tenant_id: r.get(2),
+            channel: r.get(3),
+            state: state_of(r.get(4)),
+            attempt: r.get(5),
+            traceparent: r.get(6),
+        }))
+    }
+
+    /// Claims a delivery for a send attempt. A job redelivered after a crash finds `sending`
+    /// and claims again (the provider de-duplicates by client_msg_id); one that already has
+    /// an outcome is reported finished.
+    pub async fn claim_delivery(&self, id: Uuid) -> Result<Claim, StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        let Some(row) = self.lock_delivery(&tx, id).await? else {
+            return Ok(Claim::Missing);
+        };
+        let from = state_of(row.get(4));
+        if !transition_allowed(from, S::Sending) {
+            return Ok(Claim::Finished(from));
+        }
+        let attempt: i32 = tx
+            .query_one(
+                "UPDATE deliveries SET state = 'sending', attempt = attempt + 1, updated_at = now()
+                 WHERE id = $1 RETURNING attempt",
+                &[&id],
+            )
+            .await?
+            .get(0);
+        self.record_change(
+            &tx,
+            &row,
+            &Change {
+                to: S::Sending,
+                source: "sender",
+                detail: json!({ "attempt": attempt }),
+                dedup_key: None,
+                error_code: None,
+                error_message: None,
+                announce: false,
+            },
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(Claim::Claimed { attempt })
+    }
+
+    /// Stores the outcome of a send attempt (and applies any provider event that arrived for
+    /// its msgid before this result did).
+    pub async fn record_outcome(&self, id: Uuid, outcome: &Outcome) -> Result<S, StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        let row = self
+            .lock_delivery(&tx, id)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("delivery {id}")))?;
+        let from = state_of(row.get(4));
+        let account: String = row.get(5);
+        let (to, code, message, detail) = match outcome {
+            Outcome::Sent { provider_msgid } => (
+                S::Sent,
+                None,
+                None,
+                json!({ "provider_msgid": provider_msgid }),
+            ),
+            Outcome::Retrying {
+                code,
+                message,
+                retry_in,
+            } => (
+                S::Retrying,
+                Some(code.as_str()),
+                Some(message.as_str()),
+                json!({ "code": code, "message": message, "retry_in": retry_in }),
+            ),
+            Outcome::Failed { code, message } => (
+                S::Failed,
+                Some(code.as_str()),
+                Some(message.as_str()),
+                json!({ "code": code, "message": message }),
+            ),
+        };
+        if !transition_allowed(from, to) {
+            tx.commit().await?;
+            return Ok(from);
+        }
+        tx.execute(
+            "UPDATE deliveries SET state = $2, last_error_code = COALESCE($3, last_error_code),
+                last_error = COALESCE($4, last_error), updated_at = now() WHERE id = $1",
+            &[&id, &to.name(), &code, &message],
+        )
+        .await?;
+        self.record_change(
+            &tx,
+            &row,
+            &Change {
+                to,
+                source: "sender",
+                detail,
+                dedup_key: None,
+                error_code: code,
+                error_message: message,
+                announce: true,
+            },
+        )
+        .await?;
+        let mut state = to;
+        if let Outcome::Sent { provider_msgid } = outcome {
+            tx.execute(
+                "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
+                &[&msgid_lock_key(&account, provider_msgid)],
+            )
+            .await?;
+            tx.execute(
+                "UPDATE deliveries SET provider_msgid = $2 WHERE id = $1",
+                &[&id, provider_msgid],
+            )
+            .await?;
+            let pending = tx
+                .query(
+                    "DELETE FROM pending_provider_events
+                     WHERE provider_account = $1 AND provider_msgid = $2
+                     RETURNING event",
+                    &[&account, provider_msgid],
+                )
+                .await?;
+            for event in pending {
+                let event: serde_json::Value = event.get(0);
+                let Ok(event) = serde_json::from_value::<DeliveryEvent>(event) else {
+                    continue;
+                };
+                if let Some(applied) = self.apply_event_locked(&tx, id, &event).await? {
+                    state = applied;
+                }
+            }
+        }
+        tx.commit().await?;
+        self.outbox_written();
+        Ok(state)
+    }
+
+    /// The stored trace context of the delivery a provider msgid belongs to (so the callback's
+    /// processing continues the send's trace).
+    pub async fn traceparent_for_msgid(
+        &self,
+        account: &str,
+        msgid: &str,
+    ) -> Result<Option<String>, StoreError> {
+        let row = self
+            .client()
+            .await?
+            .query_opt(
+                "SELECT traceparent FROM deliveries WHERE provider_account = $1 AND provider_msgid = $2",
+                &[&account, &msgid],
+            )
+            .await?;
+        Ok(row.and_then(|r| r.get(0)))
+    }
+
+    /// Applies a normalised provider event. If its delivery is not known yet (the callback
+    /// beat the send result), the event is kept and applied when the result is stored.
+    pub async fn apply_provider_event(
+        &self,
+        event: &DeliveryEvent,
+    ) -> Result<ProviderEventOutcome, StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        if tx
+            .query_opt(
+                "SELECT 1 FROM delivery_events WHERE dedup_key = $1",
+                &[&event.event_id],
+            )
+            .await?
+            .is_some()
+        {
+            return Ok(ProviderEventOutcome::Duplicate);
+        }
+        tx.execute(
+            "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
+            &[&msgid_lock_key(
+                &event.provider_account,
+                &event.provider_msgid,
+            )],
+        )
+        .await?;
+        let delivery = tx
+            .query_opt(
+                "SELECT id FROM deliveries WHERE provider_account = $1 AND provider_msgid = $2",
+                &[&event.provider_account, &event.provider_msgid],
+            )
+            .await?;
+        let outcome = match delivery {
+            None => {
+                let json = serde_json::to_value(event).unwrap_or_default();
+                tx.execute(
+                    "INSERT INTO pending_provider_events
+                        (provider_account, provider_msgid, event_id, event)
+                     VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+                    &[
+                        &event.provider_account,
+                        &event.provider_msgid,
+                        &event.event_id,
+                        &json,
+                    ],
+                )
+                .await?;
+                ProviderEventOutcome::Pending
+            }
+            Some(row) => match self.apply_event_locked(&tx, row.get(0), event).await? {
+                Some(_) => ProviderEventOutcome::Applied,
+                None => ProviderEventOutcome::Stale,
+            },
+        };
+        tx.commit().await?;
+        self.outbox_written();
+        Ok(outcome)
+    }
+
+    async fn apply_event_locked(
+        &self,
+        tx: &tokio_postgres::Transaction<'_>,
+        delivery_id: Uuid,
+        event: &DeliveryEvent,
+    ) -> Result<Option<S>, StoreError> {
+        let Some(row) = self.lock_delivery(tx, delivery_id).await? else {
+            return Ok(None);
+        };
+        let from = state_of(row.get(4));
+        let to = event.state();
+        if !transition_allowed(from, to) {
+            return Ok(None);
+        }
+        let failed = to == S::Failed;
+        let code = failed.then_some(event.provider_status.as_str());
+        tx.execute(
+            "UPDATE deliveries SET state = $2, last_error_code = COALESCE($3, last_error_code),
+                last_error = COALESCE($3, last_error), updated_at = now() WHERE id = $1",
+            &[&delivery_id, &to.name(), &code],
+        )
+        .await?;
+        self.record_change(
+            tx,
+            &row,
+            &Change {
+                to,
+                source: "callback",
+                detail: json!({
+                    "event": event.kind,
+                    "provider_status": event.provider_status,
+                    "provider_msgid": event.provider_msgid,
+                }),
+                dedup_key: Some(&event.event_id),
+                error_code: code,
+                error_message: code,
+                announce: true,
+            },
+        )
+        .await?;
+        Ok(Some(to))
+    }
+
+    /// Row: id, message_id, tenant_id, channel, state, provider_account.
+    async fn lock_delivery(
+        &self,
+        tx: &tokio_postgres::Transaction<'_>,
+        id: Uuid,
+    ) -> Result<Option<tokio_postgres::Row>, StoreError> {
+        Ok(tx
+            .query_opt(
+                "SELECT id, message_id, tenant_id, channel, state, provider_account
+                 FROM deliveries WHERE id = $1 FOR UPDATE",
+                &[&id],
+            )
+            .await?)
+    }
+
+    async fn record_change(
+        &self,
+        tx: &tokio_postgres::Transaction<'_>,
+        row: &tokio_postgres::Row,
+        change: &Change<'_>,
+    ) -> Result<(), StoreError> {
+        let delivery_id: Uuid = row.get(0);
+        let message_id: Uuid = row.get(1);
+        let tenant: String = row.get(2);
+        let channel: String = row.get(3);
+        tx.execute(
+            "INSERT INTO delivery_events (delivery_id, state, source, detail, trace_id, dedup_key)
+             VALUES ($1, $2, $3, $4, $5, $6)",
+            &[
+                &delivery_id,
+                &change.to.name(),
+                &change.source,
+                &change.detail,
+                &herald_telemetry::current_trace_id(),
+                &change.dedup_key,
+            ],
+        )
+        .await?;
+        if change.announce {
+            self.announce(
+                tx,
+                delivery_id,
+                message_id,
+                &tenant,
+                &channel,
+                change.to,
+                change.error_code,
+                change.error_message,
+            )
+            .await?;
+        }
+        self.aggregate(tx, message_id).await
+    }
+
+    /// Queues the producer-facing status event (`status.<tenant>.<state>`).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn announce(
+        &self,
+        tx: &tokio_postgres::Transaction<'_>,
+        delivery_id: Uuid,
+        message_id: Uuid,
+        tenant: &str,
+        channel: &str,
+        state: S,
+        error_code: Option<&str>,
+        error_message: Option<&str>,
+    ) -> Result<(), StoreError> {
+        let now = chrono::Utc::now();
+        let event = StatusEvent {
+            message_id: message_id.to_string(),
+            delivery_id: delivery_id.to_string(),
+            tenant: tenant.to_string(),
+            channel: channel.to_string(),
+            state: state as i32,
+            error_code: error_code.unwrap_or_default().to_string(),
+            error_message: error_message.unwrap_or_default().to_string(),
+            at: Some(Timestamp {
+                seconds: now.timestamp(),
+                nanos: i32::try_from(now.timestamp_subsec_nanos()).unwrap_or(0),
+            }),
+            metadata: Default::default(),
+        };
+        let mut header_map = BTreeMap::from([(
+            headers::SCHEMA_VERSION.to_string(),
+            SCHEMA_VERSION.to_string(),
+        )]);
+        if let Some(traceparent) = herald_telemetry::current_traceparent() {
+            header_map.insert(headers::TRACEPARENT.to_string(), traceparent);
+        }
+        Self::insert_outbox(
+            tx,
+            &OutboxMessage {
+                exchange: self.status_exchange.to_string(),
+                routing_key: format!("status.{tenant}.{}", state.name()),
+                headers: header_map,
+                body: encode_json(&event),
+                // Producers bind to status when they want it; nobody listening is normal.
+                routing: herald_amqp::Routing::Optional,
+            },
+        )
+        .await
+    }
+
+    pub(crate) async fn aggregate(
+        &self,
+        tx: &tokio_postgres::Transaction<'_>,
+        message_id: Uuid,
+    ) -> Result<(), StoreError> {
+        let states: Vec<S> = tx
+            .query(
+                "SELECT state FROM deliveries WHERE message_id = $1",
+                &[&message_id],
+            )
+            .await?
+            .iter()
+            .map(|r| state_of(r.get(0)))
+            .collect();
+        if let Some(state) = aggregate_message_state(&states) {
+            tx.execute(
+                "UPDATE messages SET state = $2, updated_at = now() WHERE id = $1 AND state <> $2",
+                &[&message_id, &state.name()],
+            )
+            .await?;
+        }
+        Ok(())
+    }
+}

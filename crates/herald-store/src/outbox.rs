@@ -1,0 +1,151 @@
+//! The transactional outbox and its relay.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use herald_amqp::{Publisher, Routing};
+use tokio_util::sync::CancellationToken;
+
+use crate::{Store, StoreError};
+
+/// A broker message written in the same transaction as the state change it announces.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutboxMessage {
+    pub exchange: String,
+    pub routing_key: String,
+    /// String headers (trace context, schema version).
+    pub headers: BTreeMap<String, String>,
+    pub body: Vec<u8>,
+    /// Whether a queue must take it (requests) or not (status announcements).
+    pub routing: Routing,
+}
+
+/// Rows the relay takes per round.
+const BATCH: i64 = 100;
+/// Rows written by another process (or left by a crash) are found by this poll.
+const POLL: Duration = Duration::from_secs(1);
+
+impl Store {
+    pub(crate) async fn insert_outbox(
+        tx: &tokio_postgres::Transaction<'_>,
+        message: &OutboxMessage,
+    ) -> Result<(), StoreError> {
+        let headers = serde_json::to_value(&message.headers).unwrap_or_default();
+        tx.execute(
+            "INSERT INTO outbox (exchange, routing_key, headers, body, mandatory)
+             VALUES ($1, $2, $3, $4, $5)",
+            &[
+                &message.exchange,
+                &message.routing_key,
+                &headers,
+                &message.body,
+                &(message.routing == Routing::Required),
+            ],
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Wakes this process's relay after a commit that wrote outbox rows.
+    pub(crate) fn outbox_written(&self) {
+        self.outbox_written.notify_one();
+    }
+
+    /// Publishes outbox rows until `shutdown`, deleting each batch only after the broker
+    /// confirmed every row. Rows are taken with `SKIP LOCKED`, so any number of relays run.
+    pub async fn relay_outbox(&self, publisher: Publisher, shutdown: CancellationToken) {
+        let mut failures = 0u32;
+        loop {
+            match self.relay_once(&publisher).await {
+                Ok(n) if n as i64 == BATCH => {
+                    failures = 0;
+                    continue;
+                }
+                Ok(_) => failures = 0,
+                Err(error) => {
+                    failures += 1;
+                    tracing::warn!(%error, failures, "outbox relay round failed");
+                }
+            }
+            let pause = if failures == 0 {
+                POLL
+            } else {
+                Duration::from_millis(200 * u64::from(failures.min(25)))
+            };
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = self.outbox_written.notified() => {}
+                _ = tokio::time::sleep(pause) => {}
+            }
+        }
+    }
+
+    /// Publishes one batch of outbox rows (oldest first) and deletes them once all are
+    /// confirmed; returns how many. On any failure nothing is deleted (the batch is retried,
+    /// so a row may be published twice, never lost).
+    pub async fn relay_once(&self, publisher: &Publisher) -> Result<usize, String> {
+        let publish = |m: OutboxMessage| {
+            let publisher = publisher.clone();
+            async move {
+                publisher
+                    .publish_json(&m.exchange, &m.routing_key, &m.body, m.headers, m.routing)
+                    .await
+            }
+        };
+        let mut client = self.client().await.map_err(|e| e.to_string())?;
+        let tx = client.transaction().await.map_err(|e| e.to_string())?;
+        let rows = tx
+            .query(
+                "SELECT id, exchange, routing_key, headers, body, mandatory FROM outbox
+                 ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+                &[&BATCH],
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        let mut ids = Vec::with_capacity(rows.len());
+        let mut confirms = Vec::with_capacity(rows.len());
+        for row in &rows {
+            ids.push(row.get::<_, i64>(0));
+            let headers: serde_json::Value = row.get(3);
+            confirms.push(publish(OutboxMessage {
+                exchange: row.get(1),
+                routing_key: row.get(2),
+                headers: serde_json::from_value(headers).unwrap_or_default(),
+                body: row.get(4),
+                routing: if row.get(5) {
+                    Routing::Required
+                } else {
+                    Routing::Optional
+                },
+            }));
+        }
+        // Publishes are pipelined: every confirm is awaited together. Confirmed rows go; a row
+        // the broker refused stays for the next round without holding back the others.
+        let results = futures::future::join_all(confirms).await;
+        let mut published = Vec::with_capacity(ids.len());
+        let mut first_error = None;
+        for (id, result) in ids.into_iter().zip(results) {
+            match result {
+                Ok(()) => published.push(id),
+                Err(error) => {
+                    first_error.get_or_insert_with(|| error.to_string());
+                }
+            }
+        }
+        tx.execute("DELETE FROM outbox WHERE id = ANY($1)", &[&published])
+            .await
+            .map_err(|e| e.to_string())?;
+        tx.commit().await.map_err(|e| e.to_string())?;
+        match first_error {
+            None => Ok(published.len()),
+            Some(error) => Err(format!(
+                "{} of {} outbox rows not published: {error}",
+                rows.len() - published.len(),
+                rows.len()
+            )),
+        }
+    }
+}

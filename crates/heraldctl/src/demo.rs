@@ -1,0 +1,99 @@
+//! The demo tenant that `heraldctl up` seeds, and the request `heraldctl send` publishes.
+
+use herald_contract::v1::{NotificationRequest, Recipient, TemplateRef};
+use herald_store::Store;
+use serde_json::json;
+
+pub const TENANT: &str = "demo";
+/// A fixed key so the README's curl line works; real keys come from `Store::create_api_key`.
+pub const API_KEY: &str = "hk_demo_local_development_only_0001";
+pub const ACCOUNT: &str = "demo-oa";
+pub const APPID: &str = "wxdemo0000000001";
+pub const TEMPLATE: &str = "order_shipped";
+pub const WECHAT_TEMPLATE_ID: &str = "tmpl_order_shipped";
+/// 28 characters, like a real openid.
+pub const OPENID: &str = "oDemoUser000000000000000001x";
+
+/// The `order_shipped` template definition.
+pub fn template_definition() -> serde_json::Value {
+    json!({
+        "id": TEMPLATE,
+        "description": "Tells a customer their order is on its way.",
+        "variables": {
+            "order_id": {"type": "string", "required": true},
+            "carrier": {"type": "string", "required": true},
+            "eta": {"type": "string", "required": true}
+        },
+        "channels": {
+            "wechat.template": {
+                "template_ids": {ACCOUNT: WECHAT_TEMPLATE_ID},
+                "url": "https://shop.example.com/orders/{{ order_id }}",
+                "data": {
+                    "order_id": {"value": "{{ order_id }}", "color": "#173177"},
+                    "carrier": {"value": "{{ carrier }}"},
+                    "eta": {"value": "{{ eta }}"}
+                }
+            }
+        }
+    })
+}
+
+/// Seeds the demo tenant (publishing over AMQP as `amqp_user`), its API key, its WeChat
+/// account and the `order_shipped` template. Idempotent.
+pub async fn seed(store: &Store, amqp_user: &str) -> Result<(), herald_store::StoreError> {
+    store
+        .upsert_tenant(TENANT, "Demo shop", Some(amqp_user))
+        .await?;
+    store.insert_api_key(TENANT, API_KEY).await?;
+    store
+        .upsert_provider_account(
+            ACCOUNT,
+            TENANT,
+            "wechat_official_account",
+            herald_contract::channels::WECHAT_TEMPLATE,
+            APPID,
+            true,
+        )
+        .await?;
+    store
+        .publish_template(TENANT, TEMPLATE, &template_definition())
+        .await?;
+    Ok(())
+}
+
+/// A request for the demo template to `openid`.
+pub fn request(openid: &str, order_id: &str) -> NotificationRequest {
+    let variables = json!({"order_id": order_id, "carrier": "SF Express", "eta": "tomorrow"});
+    NotificationRequest {
+        template: Some(TemplateRef {
+            id: TEMPLATE.into(),
+            ..Default::default()
+        }),
+        variables: serde_json::from_value(variables).ok(),
+        recipients: vec![Recipient {
+            wechat_openid: openid.into(),
+            ..Default::default()
+        }],
+        channels: vec![herald_contract::channels::WECHAT_TEMPLATE.into()],
+        ..Default::default()
+    }
+}
+
+/// The RabbitMQ user in an AMQP URL (`guest` when none is given, as RabbitMQ defaults).
+pub fn amqp_user(url: &str) -> String {
+    url.split_once("://")
+        .map(|(_, rest)| rest)
+        .and_then(|rest| rest.split_once('@'))
+        .map(|(userinfo, _)| userinfo.split(':').next().unwrap_or("guest").to_string())
+        .filter(|u| !u.is_empty())
+        .unwrap_or_else(|| "guest".into())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn amqp_user_from_url() {
+        assert_eq!(super::amqp_user("amqp://alice:pw@host:5672/%2f"), "alice");
+        assert_eq!(super::amqp_user("amqp://host:5672"), "guest");
+    }
+}

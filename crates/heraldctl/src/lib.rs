@@ -1,0 +1,10 @@
+//! `heraldctl`'s library: the deployment-wide configuration, the demo seed, and the
+//! in-process stack (all five services plus the provider sandbox).
+
+pub mod config;
+pub mod demo;
+pub mod dlq;
+pub mod stack;
+
+pub use config::HeraldConfig;
+pub use stack::{SenderHandle, Stack, StackError};
