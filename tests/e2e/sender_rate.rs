@@ -11,8 +11,9 @@ use herald_sender::limit::{AccountSettings, RateLimit};
 
 const JOBS: usize = 1_500;
 const PER_SECOND: f64 = 50.0;
-/// 5% of each second: slack for the time between a slot and WeChat receiving the call.
-const MARGIN_MS: u64 = 50;
+/// 10% of each second: slack for the time between a slot and WeChat receiving the call, which
+/// on a loaded two-core machine running the whole stack in one process reaches tens of ms.
+const MARGIN_MS: u64 = 100;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_replicas_together_stay_under_the_account_limit() {
@@ -49,9 +50,6 @@ async fn three_replicas_together_stay_under_the_account_limit() {
         .map(|_| {
             env.stack.spawn_sender(|config| {
                 config.sender.replicas = 3;
-                // The time between a slot and WeChat receiving the call reaches tens of
-                // milliseconds on a loaded two-core machine with the whole stack in one
-                // process; a job later than the margin takes a new slot.
                 config.sender.rate_limit_margin_ms = MARGIN_MS;
             })
         })
@@ -98,9 +96,10 @@ async fn three_replicas_together_stay_under_the_account_limit() {
         "a 1-second window saw {busiest} sends (limit {PER_SECOND})"
     );
     let took = (at[JOBS - 1] - at[0]).to_std().expect("ordered");
+    // The margin spaces sends 10% wider; beyond that, little time may be lost.
     let ideal = Duration::from_secs_f64((JOBS - 1) as f64 / PER_SECOND);
     assert!(
-        took <= ideal.mul_f64(1.1),
+        took <= ideal.mul_f64(1.2),
         "{JOBS} sends took {took:?}; ideal {ideal:?}"
     );
     env.stop().await;

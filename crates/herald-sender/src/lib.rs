@@ -92,6 +92,8 @@ pub struct SenderSettings {
     pub rate_limit_max_wait_ms: u64,
     /// Sends are spaced as if each second were this much longer, so the jitter between taking
     /// a slot and the provider receiving the call cannot push a 1-second window over a limit.
+    /// Half of it absorbs a late wake-up (later than that, the job takes a new slot); the other
+    /// half is left for the way from the wake-up to the provider.
     pub rate_limit_margin_ms: u64,
     /// Replicas of this worker: the local fallback limiter (Redis unreachable) allows each
     /// `limit / replicas`.
@@ -593,8 +595,9 @@ impl Sender {
         }
     }
 
-    /// Sleeps until `slot`; if the wake-up comes later than the margin allows, the slot is
-    /// given up and a new one taken (waiting however long that takes: the job is claimed).
+    /// Sleeps until `slot`; if the wake-up comes later than half the margin, the slot is given
+    /// up and a new one taken (waiting however long that takes: the job is claimed). The other
+    /// half of the margin covers the time from here to the provider receiving the call.
     async fn wait_for_slot(
         &self,
         channel: &str,
@@ -602,14 +605,14 @@ impl Sender {
         limit: RateLimit,
         mut slot: tokio::time::Instant,
     ) {
-        let margin = Duration::from_millis(self.shared.settings.rate_limit_margin_ms);
+        let late_after = Duration::from_millis(self.shared.settings.rate_limit_margin_ms) / 2;
         let mut waited = false;
         loop {
             if slot > tokio::time::Instant::now() {
                 waited = true;
                 tokio::time::sleep_until(slot).await;
             }
-            if tokio::time::Instant::now().saturating_duration_since(slot) <= margin {
+            if tokio::time::Instant::now().saturating_duration_since(slot) <= late_after {
                 break;
             }
             meters::rate_limited(channel, account, "late");
