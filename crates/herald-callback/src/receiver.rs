@@ -114,13 +114,85 @@ pub(crate) struct CallbackQuery {
     msg_signature: Option<String>,
 }
 
-/// Why a request was refused (the answer says it; WeChat retries anything but 200).
-struct Refusal(StatusCode, &'static str);
+/// Why a request was refused (the answer says it; WeChat retries anything but 200), and the
+/// `outcome` it counts as in `herald_callback_requests_total`.
+struct Refusal {
+    status: StatusCode,
+    reason: &'static str,
+    outcome: &'static str,
+}
 
-impl IntoResponse for Refusal {
-    fn into_response(self) -> Response {
-        (self.0, self.1).into_response()
+impl Refusal {
+    fn malformed(reason: &'static str) -> Self {
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            reason,
+            outcome: "malformed",
+        }
     }
+
+    fn bad_signature(reason: &'static str) -> Self {
+        Self {
+            status: StatusCode::FORBIDDEN,
+            reason,
+            outcome: "bad_signature",
+        }
+    }
+
+    fn stale() -> Self {
+        Self {
+            status: StatusCode::FORBIDDEN,
+            reason: "stale timestamp",
+            outcome: "stale",
+        }
+    }
+
+    fn unknown_account() -> Self {
+        Self {
+            status: StatusCode::NOT_FOUND,
+            reason: "unknown account",
+            outcome: "unknown_account",
+        }
+    }
+
+    fn unconfigured(reason: &'static str) -> Self {
+        Self {
+            status: StatusCode::NOT_IMPLEMENTED,
+            reason,
+            outcome: "unconfigured",
+        }
+    }
+
+    fn unavailable() -> Self {
+        Self {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            reason: "try again",
+            outcome: "unavailable",
+        }
+    }
+
+    /// Counts the refusal and answers it.
+    fn answer(self, provider: &'static str, account: &str) -> Response {
+        // An unknown account is whatever the caller put in the path: never a label value.
+        let account = if self.outcome == "unknown_account" {
+            "unknown"
+        } else {
+            account
+        };
+        count(provider, account, self.outcome);
+        (self.status, self.reason).into_response()
+    }
+}
+
+/// `herald_callback_requests_total{provider, account, outcome}`.
+fn count(provider: &'static str, account: &str, outcome: &'static str) {
+    metrics::counter!(
+        "herald_callback_requests_total",
+        "provider" => provider,
+        "account" => account.to_string(),
+        "outcome" => outcome,
+    )
+    .increment(1);
 }
 
 /// Query decoding turns `+` into a space; base64 has no spaces, so put them back.
@@ -131,10 +203,7 @@ fn base64_param(value: &str) -> String {
 impl Receiver {
     fn check_timestamp(&self, account: &str, timestamp: &str) -> Result<(), Refusal> {
         let Ok(timestamp) = timestamp.trim().parse::<i64>() else {
-            return Err(Refusal(
-                StatusCode::BAD_REQUEST,
-                "timestamp must be unix seconds",
-            ));
+            return Err(Refusal::malformed("timestamp must be unix seconds"));
         };
         let skew = chrono::Utc::now()
             .timestamp()
@@ -146,7 +215,7 @@ impl Receiver {
                 timestamp,
                 "callback timestamp outside the window (replay?)"
             );
-            return Err(Refusal(StatusCode::FORBIDDEN, "stale timestamp"));
+            return Err(Refusal::stale());
         }
         Ok(())
     }
@@ -154,13 +223,11 @@ impl Receiver {
     fn wechat_account(&self, account: &str) -> Result<&WechatAccount, Refusal> {
         self.wechat
             .get(account)
-            .ok_or(Refusal(StatusCode::NOT_FOUND, "unknown account"))
+            .ok_or_else(Refusal::unknown_account)
     }
 
     fn wecom_account(&self, account: &str) -> Result<&WecomAccount, Refusal> {
-        self.wecom
-            .get(account)
-            .ok_or(Refusal(StatusCode::NOT_FOUND, "unknown account"))
+        self.wecom.get(account).ok_or_else(Refusal::unknown_account)
     }
 
     /// WeChat's URL signature over (token, timestamp, nonce), then the timestamp window.
@@ -173,7 +240,7 @@ impl Receiver {
         let expected = sha1_signature(&[&config.token, &query.timestamp, &query.nonce]);
         if !signature_matches(&expected, &query.signature) {
             tracing::warn!(account, "callback signature mismatch");
-            return Err(Refusal(StatusCode::FORBIDDEN, "signature mismatch"));
+            return Err(Refusal::bad_signature("signature mismatch"));
         }
         self.check_timestamp(account, &query.timestamp)
     }
@@ -188,19 +255,19 @@ impl Receiver {
         encrypt: &str,
     ) -> Result<Vec<u8>, Refusal> {
         let Some(given) = query.msg_signature.as_deref() else {
-            return Err(Refusal(StatusCode::FORBIDDEN, "msg_signature missing"));
+            return Err(Refusal::bad_signature("msg_signature missing"));
         };
         let expected = msg_signature(token, &query.timestamp, &query.nonce, encrypt);
         if !signature_matches(&expected, given) {
             tracing::warn!(account, "callback msg_signature mismatch");
-            return Err(Refusal(StatusCode::FORBIDDEN, "msg_signature mismatch"));
+            return Err(Refusal::bad_signature("msg_signature mismatch"));
         }
         self.check_timestamp(account, &query.timestamp)?;
         crypt.decrypt(encrypt).map_err(|error| {
             tracing::warn!(account, %error, "callback does not decrypt");
             match error {
-                CryptoError::ReceiverMismatch => Refusal(StatusCode::FORBIDDEN, "appid mismatch"),
-                _ => Refusal(StatusCode::BAD_REQUEST, "does not decrypt"),
+                CryptoError::ReceiverMismatch => Refusal::bad_signature("appid mismatch"),
+                _ => Refusal::malformed("does not decrypt"),
             }
         })
     }
@@ -217,8 +284,11 @@ pub(crate) async fn wechat_verify(
         .wechat_account(&account)
         .and_then(|config| receiver.check_url_signature(&account, config, &query));
     match checked {
-        Ok(()) => query.echostr.unwrap_or_default().into_response(),
-        Err(refusal) => refusal.into_response(),
+        Ok(()) => {
+            count("wechat", &account, "verified");
+            query.echostr.unwrap_or_default().into_response()
+        }
+        Err(refusal) => refusal.answer("wechat", &account),
     }
 }
 
@@ -240,18 +310,17 @@ pub(crate) async fn wechat_event(
                 // authenticated by msg_signature, so only it is used.
                 let Some(crypt) = &config.crypt else {
                     tracing::warn!(%account, "encrypted callback, but no EncodingAESKey is configured");
-                    return Err(Refusal(
-                        StatusCode::NOT_IMPLEMENTED,
+                    return Err(Refusal::unconfigured(
                         "no EncodingAESKey configured for this account",
                     ));
                 };
                 let encrypt = wechat::envelope_encrypt(&body).map_err(|error| {
                     tracing::warn!(%account, %error, "encrypted callback without a readable Encrypt");
-                    Refusal(StatusCode::BAD_REQUEST, "no Encrypt")
+                    Refusal::malformed("no Encrypt")
                 })?;
                 receiver.open(&account, &config.token, crypt, &query, &encrypt)
             }
-            Some(_) => Err(Refusal(StatusCode::BAD_REQUEST, "unknown encrypt_type")),
+            Some(_) => Err(Refusal::malformed("unknown encrypt_type")),
         }
     })();
     match opened {
@@ -260,7 +329,7 @@ pub(crate) async fn wechat_event(
                 .accept("wechat", &account, &plaintext, "success")
                 .await
         }
-        Err(refusal) => refusal.into_response(),
+        Err(refusal) => refusal.answer("wechat", &account),
     }
 }
 
@@ -276,15 +345,18 @@ pub(crate) async fn wecom_verify(
         receiver.open(&account, &config.token, &config.crypt, &query, &echostr)
     });
     match opened {
-        Ok(plaintext) => (
-            [(
-                axum::http::header::CONTENT_TYPE,
-                "text/plain; charset=utf-8",
-            )],
-            plaintext,
-        )
-            .into_response(),
-        Err(refusal) => refusal.into_response(),
+        Ok(plaintext) => {
+            count("wecom", &account, "verified");
+            (
+                [(
+                    axum::http::header::CONTENT_TYPE,
+                    "text/plain; charset=utf-8",
+                )],
+                plaintext,
+            )
+                .into_response()
+        }
+        Err(refusal) => refusal.answer("wecom", &account),
     }
 }
 
@@ -300,14 +372,14 @@ pub(crate) async fn wecom_event(
         // else of the body is looked at before the signature over it holds.
         let encrypt = wechat::envelope_encrypt(&body).map_err(|error| {
             tracing::warn!(%account, %error, "WeCom callback without a readable Encrypt");
-            Refusal(StatusCode::BAD_REQUEST, "no Encrypt")
+            Refusal::malformed("no Encrypt")
         })?;
         receiver.open(&account, &config.token, &config.crypt, &query, &encrypt)
     });
     match opened {
         // WeCom: an empty answer acknowledges without a passive reply.
         Ok(plaintext) => receiver.accept("wecom", &account, &plaintext, "").await,
-        Err(refusal) => refusal.into_response(),
+        Err(refusal) => refusal.answer("wecom", &account),
     }
 }
 
@@ -315,7 +387,7 @@ impl Receiver {
     /// Parses an authenticated body, publishes its events with confirms, answers `ack`.
     async fn accept(
         &self,
-        provider: &str,
+        provider: &'static str,
         account: &str,
         plaintext: &[u8],
         ack: &'static str,
@@ -324,7 +396,7 @@ impl Receiver {
             Ok(body) => body,
             Err(error) => {
                 tracing::warn!(provider, account, %error, "unparseable callback body");
-                return Refusal(StatusCode::BAD_REQUEST, "malformed body").into_response();
+                return Refusal::malformed("malformed body").answer(provider, account);
             }
         };
         let events = wechat::normalise(provider, account, &body);
@@ -337,6 +409,7 @@ impl Receiver {
                 from = %mask(&body.from_user_name),
                 "callback not acted on; acknowledged"
             );
+            count(provider, account, "accepted");
             return ack.into_response();
         }
         // Everything from here to the answer shares one budget, under the provider's 5 s.
@@ -370,15 +443,16 @@ impl Receiver {
             // `success` only once every event is safely with the broker.
             Ok(Ok(())) => {
                 tracing::debug!(parent: &span, events = events.len(), "callback published");
+                count(provider, account, "accepted");
                 ack.into_response()
             }
             Ok(Err(error)) => {
                 tracing::error!(parent: &span, %error, "could not publish callback events; the provider will retry");
-                Refusal(StatusCode::SERVICE_UNAVAILABLE, "try again").into_response()
+                Refusal::unavailable().answer(provider, account)
             }
             Err(_) => {
                 tracing::error!(parent: &span, ?budget, "broker confirm too slow; the provider will retry");
-                Refusal(StatusCode::SERVICE_UNAVAILABLE, "try again").into_response()
+                Refusal::unavailable().answer(provider, account)
             }
         }
     }

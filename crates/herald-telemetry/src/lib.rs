@@ -114,11 +114,7 @@ pub fn init(service: &str, settings: &TelemetrySettings) -> TelemetryGuard {
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&settings.log_filter));
     let fmt = match settings.log_format {
         LogFormat::Text => tracing_subscriber::fmt::layer().with_target(false).boxed(),
-        LogFormat::Json => tracing_subscriber::fmt::layer()
-            .json()
-            .flatten_event(true)
-            .with_current_span(true)
-            .boxed(),
+        LogFormat::Json => json_log_layer().boxed(),
     };
     // The log filter applies to log output only: spans must exist (and carry trace context
     // across hops) whatever the log level.
@@ -133,6 +129,18 @@ pub fn init(service: &str, settings: &TelemetrySettings) -> TelemetryGuard {
     TelemetryGuard {
         provider: Some(provider),
     }
+}
+
+/// Production logs: one JSON object per line with the event's fields at the top level, the
+/// current span, and `openTelemetry.traceId`/`spanId` so a log line leads to its trace.
+fn json_log_layer<S>() -> json_subscriber::fmt::Layer<S>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    json_subscriber::fmt::layer()
+        .flatten_event(true)
+        .with_current_span(true)
+        .with_opentelemetry_ids(true)
 }
 
 /// `service.name` from `OTEL_SERVICE_NAME` when set, else the binary's name; plus whatever
@@ -232,6 +240,47 @@ pub fn trace_headers() -> Vec<(String, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[derive(Clone, Default)]
+    struct Buffer(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Buffer {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            if let Ok(mut buffer) = self.0.lock() {
+                buffer.extend_from_slice(bytes);
+            }
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn json_logs_carry_the_trace_and_span_ids_of_the_current_span() {
+        let buffer = Buffer::default();
+        let writer = buffer.clone();
+        let provider = SdkTracerProvider::builder().build();
+        let subscriber = tracing_subscriber::registry()
+            .with(json_log_layer().with_writer(move || writer.clone()))
+            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
+        let (trace_id, span_id) = tracing::subscriber::with_default(subscriber, || {
+            let span = tracing::info_span!("send", herald.channel = "wechat.template");
+            span.in_scope(|| {
+                tracing::info!(code = 0, "sent");
+                let context = tracing::Span::current().context();
+                let sc = context.span().span_context().clone();
+                (sc.trace_id().to_string(), sc.span_id().to_string())
+            })
+        });
+        let bytes = buffer.0.lock().expect("buffer").clone();
+        let line: serde_json::Value = serde_json::from_slice(&bytes).expect("one JSON line");
+        assert_eq!(line["message"], "sent");
+        assert_eq!(line["code"], 0);
+        assert_eq!(line["span"]["name"], "send");
+        assert_eq!(line["openTelemetry"]["traceId"], trace_id.as_str());
+        assert_eq!(line["openTelemetry"]["spanId"], span_id.as_str());
+    }
 
     #[test]
     fn spans_get_ids_and_a_stored_traceparent_continues_a_trace() {
