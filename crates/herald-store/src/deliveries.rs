@@ -9,7 +9,7 @@ use uuid::Uuid;
 
 use crate::messages::NewDelivery;
 use crate::outbox::OutboxMessage;
-use crate::state::{aggregate_message_state, transition_allowed};
+use crate::state::{aggregate_counts, transition_allowed};
 use crate::{Store, StoreError};
 
 // Deferrals, delivery age and operator reopening (sender and DLQ tools).
@@ -68,18 +68,18 @@ pub struct DeliveryRecord {
     pub traceparent: Option<String>,
 }
 
-struct Change<'a> {
-    to: S,
-    source: &'a str,
-    detail: serde_json::Value,
-    dedup_key: Option<&'a str>,
-    error_code: Option<&'a str>,
-    error_message: Option<&'a str>,
+pub(crate) struct Change<'a> {
+    pub(crate) to: S,
+    pub(crate) source: &'a str,
+    pub(crate) detail: serde_json::Value,
+    pub(crate) dedup_key: Option<&'a str>,
+    pub(crate) error_code: Option<&'a str>,
+    pub(crate) error_message: Option<&'a str>,
     /// Whether producers hear about it (they do not for `sending`).
-    announce: bool,
+    pub(crate) announce: bool,
 }
 
-fn state_of(name: &str) -> S {
+pub(crate) fn state_of(name: &str) -> S {
     S::from_name(name).unwrap_or(S::Unspecified)
 }
 
@@ -103,6 +103,7 @@ impl Store {
         let traceparent = herald_telemetry::current_traceparent();
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
+        let mut created = 0;
         for d in deliveries {
             let inserted = tx
                 .query_opt(
@@ -122,6 +123,7 @@ impl Store {
                 )
                 .await?;
             if inserted.is_some() {
+                created += 1;
                 tx.execute(
                     "INSERT INTO delivery_events (delivery_id, state, source, trace_id)
                      VALUES ($1, 'queued', 'renderer', $2)",
@@ -141,7 +143,8 @@ impl Store {
                 .await?;
             }
         }
-        self.aggregate(&tx, message_id).await?;
+        self.shift_counts(&tx, message_id, &[(S::Queued, created)])
+            .await?;
         tx.commit().await?;
         self.outbox_written();
         Ok(())
@@ -423,7 +426,7 @@ impl Store {
     }
 
     /// Row: id, message_id, tenant_id, channel, state, provider_account.
-    async fn lock_delivery(
+    pub(crate) async fn lock_delivery(
         &self,
         tx: &tokio_postgres::Transaction<'_>,
         id: Uuid,
@@ -437,7 +440,7 @@ impl Store {
             .await?)
     }
 
-    async fn record_change(
+    pub(crate) async fn record_change(
         &self,
         tx: &tokio_postgres::Transaction<'_>,
         row: &tokio_postgres::Row,
@@ -447,6 +450,7 @@ impl Store {
         let message_id: Uuid = row.get(1);
         let tenant: String = row.get(2);
         let channel: String = row.get(3);
+        let from = state_of(row.get(4));
         tx.execute(
             "INSERT INTO delivery_events (delivery_id, state, source, detail, trace_id, dedup_key)
              VALUES ($1, $2, $3, $4, $5, $6)",
@@ -473,7 +477,8 @@ impl Store {
             )
             .await?;
         }
-        self.aggregate(tx, message_id).await
+        self.shift_counts(tx, message_id, &[(from, -1), (change.to, 1)])
+            .await
     }
 
     /// Queues the producer-facing status event (`status.<tenant>.<state>`).
@@ -489,6 +494,30 @@ impl Store {
         error_code: Option<&str>,
         error_message: Option<&str>,
     ) -> Result<(), StoreError> {
+        let message = self.status_message(
+            delivery_id,
+            message_id,
+            tenant,
+            channel,
+            state,
+            error_code,
+            error_message,
+        );
+        Self::insert_outbox(tx, &message).await
+    }
+
+    /// The producer-facing status event of a change, as an outbox message.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn status_message(
+        &self,
+        delivery_id: Uuid,
+        message_id: Uuid,
+        tenant: &str,
+        channel: &str,
+        state: S,
+        error_code: Option<&str>,
+        error_message: Option<&str>,
+    ) -> OutboxMessage {
         let now = chrono::Utc::now();
         let event = StatusEvent {
             message_id: message_id.to_string(),
@@ -511,41 +540,50 @@ impl Store {
         if let Some(traceparent) = herald_telemetry::current_traceparent() {
             header_map.insert(headers::TRACEPARENT.to_string(), traceparent);
         }
-        Self::insert_outbox(
-            tx,
-            &OutboxMessage {
-                exchange: self.status_exchange.to_string(),
-                routing_key: format!("status.{tenant}.{}", state.name()),
-                headers: header_map,
-                body: encode_json(&event),
-                // Producers bind to status when they want it; nobody listening is normal.
-                routing: herald_amqp::Routing::Optional,
-            },
-        )
-        .await
+        OutboxMessage {
+            exchange: self.status_exchange.to_string(),
+            routing_key: format!("status.{tenant}.{}", state.name()),
+            headers: header_map,
+            body: encode_json(&event),
+            // Producers bind to status when they want it; nobody listening is normal.
+            routing: herald_amqp::Routing::Optional,
+        }
     }
 
-    pub(crate) async fn aggregate(
+    /// Moves `message_id`'s per-state delivery counts by `deltas` and sets its state from
+    /// them. O(1) in the number of deliveries; the message row stays locked until the
+    /// transaction ends (every writer locks its delivery rows first, then the message).
+    pub(crate) async fn shift_counts(
         &self,
         tx: &tokio_postgres::Transaction<'_>,
         message_id: Uuid,
+        deltas: &[(S, i64)],
     ) -> Result<(), StoreError> {
-        let states: Vec<S> = tx
-            .query(
-                "SELECT state FROM deliveries WHERE message_id = $1",
+        if deltas.iter().all(|(_, n)| *n == 0) {
+            return Ok(());
+        }
+        let Some(row) = tx
+            .query_opt(
+                "SELECT state_counts FROM messages WHERE id = $1 FOR UPDATE",
                 &[&message_id],
             )
             .await?
-            .iter()
-            .map(|r| state_of(r.get(0)))
-            .collect();
-        if let Some(state) = aggregate_message_state(&states) {
-            tx.execute(
-                "UPDATE messages SET state = $2, updated_at = now() WHERE id = $1 AND state <> $2",
-                &[&message_id, &state.name()],
-            )
-            .await?;
+        else {
+            return Ok(());
+        };
+        let stored: serde_json::Value = row.get(0);
+        let mut counts: BTreeMap<String, i64> = serde_json::from_value(stored).unwrap_or_default();
+        for (state, n) in deltas {
+            *counts.entry(state.name().to_string()).or_default() += n;
         }
+        counts.retain(|_, n| *n > 0);
+        let state = aggregate_counts(&counts).map(|s| s.name());
+        tx.execute(
+            "UPDATE messages SET state_counts = $2, state = COALESCE($3, state),
+                updated_at = now() WHERE id = $1",
+            &[&message_id, &json!(counts), &state],
+        )
+        .await?;
         Ok(())
     }
 }

@@ -6,11 +6,14 @@
 //! nothing is lost if a process dies between them (the outbox relay publishes it later).
 
 mod deliveries;
+mod directory;
+mod fanout;
 mod listing;
 mod messages;
 mod outbox;
 mod pending;
 mod recipients;
+mod schedule;
 mod state;
 mod suppressed;
 mod tenants;
@@ -24,14 +27,17 @@ use tokio::sync::Notify;
 use tokio_postgres::NoTls;
 
 pub use deliveries::{Claim, DeliveryRecord, Outcome, ProviderEventOutcome};
+pub use directory::{Addresses, FrequencyCap, Preferences, QuietHours, RecipientProfile, mask};
+pub use fanout::{BatchWritten, Decision, FanoutProgress, PlannedDelivery};
 pub use listing::{DeliverySummary, MessageFilter, MessageSummary};
 pub use messages::{
     Accepted, DeliveryView, MessageRecord, MessageView, NewDelivery, NewMessage, TimelineEntry,
 };
-pub use outbox::OutboxMessage;
+pub use outbox::{OutboxJob, OutboxMessage};
 pub use pending::{ExpiredProviderEvent, UNMATCHED_EVENT};
 pub use recipients::{FollowState, RecipientEventOutcome};
-pub use state::{aggregate_message_state, transition_allowed};
+pub use schedule::{CANCELLED, Cancellation};
+pub use state::{aggregate_counts, aggregate_message_state, transition_allowed};
 pub use tenants::TemplateRecord;
 pub use webhooks::{TenantWebhook, new_webhook_secret};
 

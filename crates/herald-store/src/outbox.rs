@@ -20,8 +20,17 @@ pub struct OutboxMessage {
     pub routing: Routing,
 }
 
+/// A delivery job to publish through the outbox: a message plus the AMQP properties a sender
+/// and the dead-letter tools read (`message_id` = the delivery id, `priority`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutboxJob {
+    pub message: OutboxMessage,
+    pub message_id: String,
+    pub priority: u8,
+}
+
 /// Rows the relay takes per round.
-const BATCH: i64 = 100;
+const BATCH: i64 = 500;
 /// Rows written by another process (or left by a crash) are found by this poll.
 const POLL: Duration = Duration::from_secs(1);
 
@@ -41,6 +50,53 @@ impl Store {
                 &message.body,
                 &(message.routing == Routing::Required),
             ],
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Inserts many outbox rows with one statement (fan-out writes thousands per message).
+    pub(crate) async fn insert_outbox_many(
+        tx: &tokio_postgres::Transaction<'_>,
+        messages: &[OutboxMessage],
+        jobs: &[OutboxJob],
+    ) -> Result<(), StoreError> {
+        if messages.is_empty() && jobs.is_empty() {
+            return Ok(());
+        }
+        let all = messages
+            .iter()
+            .map(|m| (m, None, None))
+            .chain(jobs.iter().map(|j| {
+                (
+                    &j.message,
+                    Some(j.message_id.clone()),
+                    Some(i16::from(j.priority)),
+                )
+            }));
+        let (
+            mut exchanges,
+            mut keys,
+            mut headers,
+            mut bodies,
+            mut mandatory,
+            mut ids,
+            mut priorities,
+        ) = (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
+        for (m, id, priority) in all {
+            exchanges.push(m.exchange.clone());
+            keys.push(m.routing_key.clone());
+            headers.push(serde_json::to_value(&m.headers).unwrap_or_default());
+            bodies.push(m.body.clone());
+            mandatory.push(m.routing == Routing::Required);
+            ids.push(id);
+            priorities.push(priority);
+        }
+        tx.execute(
+            "INSERT INTO outbox (exchange, routing_key, headers, body, mandatory, message_id, priority)
+             SELECT * FROM UNNEST($1::text[], $2::text[], $3::jsonb[], $4::bytea[], $5::bool[],
+                                  $6::text[], $7::int2[])",
+            &[&exchanges, &keys, &headers, &bodies, &mandatory, &ids, &priorities],
         )
         .await?;
         Ok(())
@@ -84,19 +140,53 @@ impl Store {
     /// confirmed; returns how many. On any failure nothing is deleted (the batch is retried,
     /// so a row may be published twice, never lost).
     pub async fn relay_once(&self, publisher: &Publisher) -> Result<usize, String> {
-        let publish = |m: OutboxMessage| {
+        let publish = |m: OutboxMessage, message_id: Option<String>, priority: Option<i16>| {
             let publisher = publisher.clone();
             async move {
-                publisher
-                    .publish_json(&m.exchange, &m.routing_key, &m.body, m.headers, m.routing)
-                    .await
+                match message_id {
+                    // A delivery job: the properties the sender and the DLQ tools read.
+                    Some(id) => {
+                        let mut table = herald_amqp::FieldTable::default();
+                        for (name, value) in m.headers {
+                            table.insert(
+                                name.into(),
+                                herald_amqp::AMQPValue::LongString(value.into()),
+                            );
+                        }
+                        let properties = herald_amqp::BasicProperties::default()
+                            .with_content_type("application/json".into())
+                            .with_message_id(id.into())
+                            .with_priority(priority.and_then(|p| u8::try_from(p).ok()).unwrap_or(0))
+                            .with_headers(table);
+                        publisher
+                            .publish_routed(
+                                &m.exchange,
+                                &m.routing_key,
+                                &m.body,
+                                properties,
+                                m.routing,
+                            )
+                            .await
+                    }
+                    None => {
+                        publisher
+                            .publish_json(
+                                &m.exchange,
+                                &m.routing_key,
+                                &m.body,
+                                m.headers,
+                                m.routing,
+                            )
+                            .await
+                    }
+                }
             }
         };
         let mut client = self.client().await.map_err(|e| e.to_string())?;
         let tx = client.transaction().await.map_err(|e| e.to_string())?;
         let rows = tx
             .query(
-                "SELECT id, exchange, routing_key, headers, body, mandatory FROM outbox
+                "SELECT id, exchange, routing_key, headers, body, mandatory, message_id, priority FROM outbox
                  ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
                 &[&BATCH],
             )
@@ -110,17 +200,21 @@ impl Store {
         for row in &rows {
             ids.push(row.get::<_, i64>(0));
             let headers: serde_json::Value = row.get(3);
-            confirms.push(publish(OutboxMessage {
-                exchange: row.get(1),
-                routing_key: row.get(2),
-                headers: serde_json::from_value(headers).unwrap_or_default(),
-                body: row.get(4),
-                routing: if row.get(5) {
-                    Routing::Required
-                } else {
-                    Routing::Optional
+            confirms.push(publish(
+                OutboxMessage {
+                    exchange: row.get(1),
+                    routing_key: row.get(2),
+                    headers: serde_json::from_value(headers).unwrap_or_default(),
+                    body: row.get(4),
+                    routing: if row.get(5) {
+                        Routing::Required
+                    } else {
+                        Routing::Optional
+                    },
                 },
-            }));
+                row.get(6),
+                row.get(7),
+            ));
         }
         // Publishes are pipelined: every confirm is awaited together. Confirmed rows go; a row
         // the broker refused stays for the next round without holding back the others.

@@ -25,6 +25,16 @@ pub fn aggregate_message_state(states: &[S]) -> Option<S> {
         .find(|candidate| states.contains(candidate))
 }
 
+/// The message state from per-state delivery counts (as kept in `messages.state_counts`).
+pub fn aggregate_counts(counts: &std::collections::BTreeMap<String, i64>) -> Option<S> {
+    let states: Vec<S> = counts
+        .iter()
+        .filter(|(_, n)| **n > 0)
+        .filter_map(|(name, _)| S::from_name(name))
+        .collect();
+    aggregate_message_state(&states)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -59,5 +69,17 @@ mod tests {
         );
         assert_eq!(aggregate_message_state(&[S::Failed]), Some(S::Failed));
         assert_eq!(aggregate_message_state(&[]), None);
+    }
+
+    #[test]
+    fn counts_aggregate_like_states() {
+        let counts = std::collections::BTreeMap::from([
+            ("delivered".to_string(), 9_999),
+            ("sending".to_string(), 1),
+            ("queued".to_string(), 0),
+        ]);
+        assert_eq!(aggregate_counts(&counts), Some(S::Sending));
+        let counts = std::collections::BTreeMap::from([("queued".to_string(), 0)]);
+        assert_eq!(aggregate_counts(&counts), None);
     }
 }

@@ -24,6 +24,7 @@ impl Store {
         let traceparent = herald_telemetry::current_traceparent();
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
+        let mut deltas = Vec::new();
         for d in deliveries {
             let inserted = tx
                 .query_opt(
@@ -58,7 +59,9 @@ impl Store {
                 if updated == 0 {
                     continue;
                 }
+                deltas.push((S::Queued, -1));
             }
+            deltas.push((S::Suppressed, 1));
             tx.execute(
                 "INSERT INTO delivery_events (delivery_id, state, source, detail, trace_id)
                  VALUES ($1, 'suppressed', 'renderer', $2, $3)",
@@ -81,7 +84,7 @@ impl Store {
             )
             .await?;
         }
-        self.aggregate(&tx, message_id).await?;
+        self.shift_counts(&tx, message_id, &deltas).await?;
         tx.commit().await?;
         self.outbox_written();
         Ok(())
