@@ -23,6 +23,7 @@ pub struct Broker {
     publisher: Publisher,
     topology: Topology,
     prefetch: u16,
+    depth_sample_interval: std::time::Duration,
 }
 
 impl std::fmt::Debug for Broker {
@@ -51,7 +52,15 @@ impl Broker {
             connection,
             topology,
             prefetch: settings.prefetch,
+            depth_sample_interval: std::time::Duration::from_millis(
+                settings.depth_sample_interval_ms,
+            ),
         })
+    }
+
+    /// How often consumers sample queue depths (zero: never).
+    pub fn depth_sample_interval(&self) -> std::time::Duration {
+        self.depth_sample_interval
     }
 
     pub fn publisher(&self) -> Publisher {
@@ -298,6 +307,10 @@ impl Publisher {
             messaging.rabbitmq.destination.routing_key = %routing_key,
         );
         let mut table = properties.headers().clone().unwrap_or_default();
+        table.insert(
+            headers::PUBLISHED_AT.into(),
+            AMQPValue::LongLongInt(crate::depth::now_ms()),
+        );
         crate::trace::set_parent_from(&span, Some(&table));
         crate::trace::inject_span(&span, &mut table);
         let properties = properties.with_delivery_mode(2).with_headers(table);

@@ -71,6 +71,9 @@ impl Consumer {
         H: Fn(Arc<Delivery>) -> Fut + Clone + Send + 'static,
         Fut: Future<Output = Disposition> + Send + 'static,
     {
+        let sampling = shutdown.child_token();
+        crate::depth::spawn(broker.clone(), self.queue().to_string(), sampling.clone());
+        let _stop_sampling = sampling.drop_guard();
         let permits = Arc::new(tokio::sync::Semaphore::new(concurrency.max(1)));
         let mut tasks = JoinSet::new();
         let mut ended = Ok(());
@@ -102,6 +105,7 @@ impl Consumer {
             let handler = handler.clone();
             let broker = broker.clone();
             let queue = self.queue().to_string();
+            crate::depth::record_lag(&queue, delivery.properties.headers().as_ref());
             tasks.spawn(async move {
                 let started = std::time::Instant::now();
                 let disposition = handler(delivery.clone()).await;

@@ -7,6 +7,7 @@
 
 mod broker;
 mod consume;
+pub mod depth;
 mod headers;
 mod topology;
 pub mod trace;

@@ -26,6 +26,9 @@ pub struct AmqpSettings {
     pub retry_tiers: Vec<String>,
     /// When set, queues vanish after being unused this long (test runs; never in production).
     pub queue_expires_ms: Option<u64>,
+    /// How often consumers sample their queue's and the dead-letter queue's depth into
+    /// `herald_queue_depth`/`herald_dlq_depth`; 0 turns sampling off.
+    pub depth_sample_interval_ms: u64,
 }
 
 impl Default for AmqpSettings {
@@ -39,6 +42,7 @@ impl Default for AmqpSettings {
                 .map(String::from)
                 .to_vec(),
             queue_expires_ms: None,
+            depth_sample_interval_ms: 10_000,
         }
     }
 }

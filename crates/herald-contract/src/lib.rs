@@ -30,6 +30,8 @@ pub mod headers {
     pub const DEAD_AT: &str = "x-herald-dead-at";
     /// A deferred delivery job is not tried before this (Unix milliseconds).
     pub const DEFER_UNTIL: &str = "x-herald-defer-until";
+    /// When Herald published the message (ms since the epoch), for queue-lag metrics.
+    pub const PUBLISHED_AT: &str = "x-herald-published-at";
     /// W3C trace context.
     pub const TRACEPARENT: &str = "traceparent";
     pub const TRACESTATE: &str = "tracestate";
