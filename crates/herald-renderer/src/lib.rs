@@ -2,7 +2,7 @@
 //! ingress outbox), renders every channel variant strictly, writes one delivery row per
 //! recipient × channel and publishes the delivery jobs.
 
-mod template;
+pub mod template;
 
 use std::sync::Arc;
 
@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use uuid::Uuid;
 
-pub use template::{RenderError, TemplateDefinition};
+pub use template::{CompiledTemplate, RenderError, TemplateCache, TemplateDefinition};
 
 /// The renderer's configuration (sections of herald.toml).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -46,6 +46,7 @@ struct Renderer {
     broker: Broker,
     store: Store,
     queue: String,
+    templates: Arc<TemplateCache>,
 }
 
 /// Failures that decide a message's fate.
@@ -87,11 +88,22 @@ pub async fn run(config: RendererConfig, shutdown: CancellationToken) -> Result<
         .await?;
     let queue = broker.topology().render_queue();
     let consumer = broker.consume(&queue, "herald-renderer").await?;
+    // Subscribed before consuming, so no publish announced from here on is missed.
+    let templates = Arc::new(TemplateCache::default());
+    let control = broker
+        .subscribe_temporary(&broker.topology().control_exchange(), "#")
+        .await?;
+    tokio::spawn({
+        let templates = templates.clone();
+        let stop = stop.clone();
+        async move { templates.listen(control, stop).await }
+    });
     tracing::info!(%queue, "renderer consuming");
     let renderer = Arc::new(Renderer {
         broker: broker.clone(),
         store,
         queue,
+        templates,
     });
     let consumed = consumer
         .run(
@@ -316,29 +328,15 @@ impl Renderer {
         };
         let version = (template_ref.version > 0)
             .then(|| i32::try_from(template_ref.version).unwrap_or(i32::MAX));
-        let Some(stored) = self
-            .store
-            .template(tenant, &template_ref.id, version)
+        let template = match self
+            .templates
+            .get(&self.store, tenant, &template_ref.id, version)
             .await?
-        else {
-            return Ok(Err(RenderError::new(
-                "template.id",
-                format!(
-                    "unknown template `{}`{}",
-                    template_ref.id,
-                    version.map(|v| format!(" version {v}")).unwrap_or_default()
-                ),
-            )));
+        {
+            Ok(template) => template,
+            Err(e) => return Ok(Err(e)),
         };
-        let definition: TemplateDefinition = match serde_json::from_value(stored.definition) {
-            Ok(definition) => definition,
-            Err(e) => {
-                return Ok(Err(RenderError::new(
-                    "template",
-                    format!("stored definition invalid: {e}"),
-                )));
-            }
-        };
+        let definition = &template.definition;
         let variables: Map<String, Value> = request
             .variables
             .as_ref()
@@ -355,7 +353,11 @@ impl Renderer {
             )));
         }
         let wanted: Vec<String> = if request.channels.is_empty() {
-            definition.channels.keys().cloned().collect()
+            definition
+                .channel_names()
+                .into_iter()
+                .map(String::from)
+                .collect()
         } else {
             request.channels.clone()
         };
@@ -367,7 +369,7 @@ impl Renderer {
             // across channels come with the channel work).
             let choice = wanted.iter().find(|channel| {
                 channels::ALL.contains(&channel.as_str())
-                    && definition.channels.contains_key(channel.as_str())
+                    && definition.channel_names().contains(&channel.as_str())
                     && address_for(recipient, channel).is_some()
             });
             let Some(channel) = choice else {
@@ -390,7 +392,8 @@ impl Renderer {
                     format!("tenant has no default provider account for `{channel}`"),
                 )));
             };
-            let payload = match definition.render_wechat_template(&account, &variables) {
+            let payload = match template.render(channel, &account, &template_ref.locale, &variables)
+            {
                 Ok(payload) => payload,
                 Err(e) => return Ok(Err(e)),
             };

@@ -1,6 +1,7 @@
 //! The demo tenant that `heraldctl up` seeds, and the request `heraldctl send` publishes.
 
 use herald_contract::v1::{NotificationRequest, Recipient, TemplateRef};
+use herald_renderer::TemplateDefinition;
 use herald_store::Store;
 use serde_json::json;
 
@@ -14,28 +15,12 @@ pub const WECHAT_TEMPLATE_ID: &str = "tmpl_order_shipped";
 /// 28 characters, like a real openid.
 pub const OPENID: &str = "oDemoUser000000000000000001x";
 
+/// The `order_shipped` template (`examples/templates/order_shipped.yaml` links to this file).
+pub const TEMPLATE_YAML: &str = include_str!("order_shipped.yaml");
+
 /// The `order_shipped` template definition.
-pub fn template_definition() -> serde_json::Value {
-    json!({
-        "id": TEMPLATE,
-        "description": "Tells a customer their order is on its way.",
-        "variables": {
-            "order_id": {"type": "string", "required": true},
-            "carrier": {"type": "string", "required": true},
-            "eta": {"type": "string", "required": true}
-        },
-        "channels": {
-            "wechat.template": {
-                "template_ids": {ACCOUNT: WECHAT_TEMPLATE_ID},
-                "url": "https://shop.example.com/orders/{{ order_id }}",
-                "data": {
-                    "order_id": {"value": "{{ order_id }}", "color": "#173177"},
-                    "carrier": {"value": "{{ carrier }}"},
-                    "eta": {"value": "{{ eta }}"}
-                }
-            }
-        }
-    })
+pub fn template_definition() -> Result<TemplateDefinition, herald_renderer::RenderError> {
+    TemplateDefinition::from_yaml(TEMPLATE_YAML)
 }
 
 /// Seeds the demo tenant (publishing over AMQP as `amqp_user`), its API key, its WeChat
@@ -55,8 +40,10 @@ pub async fn seed(store: &Store, amqp_user: &str) -> Result<(), herald_store::St
             true,
         )
         .await?;
+    let definition = template_definition()
+        .map_err(|e| herald_store::StoreError::Config(format!("demo template: {e}")))?;
     store
-        .publish_template(TENANT, TEMPLATE, &template_definition())
+        .publish_template(TENANT, TEMPLATE, &definition.to_json())
         .await?;
     Ok(())
 }
@@ -91,6 +78,13 @@ pub fn amqp_user(url: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn demo_template_is_valid() {
+        let definition = super::template_definition().expect("parses");
+        definition.validate().expect("valid");
+        assert_eq!(definition.id, super::TEMPLATE);
+    }
+
     #[test]
     fn amqp_user_from_url() {
         assert_eq!(super::amqp_user("amqp://alice:pw@host:5672/%2f"), "alice");
