@@ -16,6 +16,7 @@ mod recipients;
 mod schedule;
 mod state;
 mod suppressed;
+mod templates;
 mod tenants;
 mod webhooks;
 
@@ -38,7 +39,9 @@ pub use pending::{ExpiredProviderEvent, UNMATCHED_EVENT};
 pub use recipients::{FollowState, RecipientEventOutcome};
 pub use schedule::{CANCELLED, Cancellation};
 pub use state::{aggregate_counts, aggregate_message_state, transition_allowed};
-pub use tenants::TemplateRecord;
+pub use templates::{
+    TemplateHistory, TemplateRecord, TemplateSummary, TemplateVersion, VersionCreated,
+};
 pub use webhooks::{TenantWebhook, new_webhook_secret};
 
 mod embedded {

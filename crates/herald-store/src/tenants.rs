@@ -1,18 +1,10 @@
-//! Tenants, their API keys, provider accounts and templates.
+//! Tenants, their API keys and provider accounts.
 
 use rand::RngCore;
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 use crate::{Store, StoreError};
-
-/// A published template version.
-#[derive(Debug, Clone)]
-pub struct TemplateRecord {
-    pub id: String,
-    pub version: i32,
-    pub definition: serde_json::Value,
-}
 
 fn key_hash(key: &str) -> Vec<u8> {
     Sha256::digest(key.as_bytes()).to_vec()
@@ -121,85 +113,5 @@ impl Store {
             )
             .await?;
         Ok(row.map(|r| r.get(0)))
-    }
-
-    /// Stores `definition` as the next immutable version of a template and publishes it.
-    /// Storing a definition equal to the published one is a no-op returning that version.
-    pub async fn publish_template(
-        &self,
-        tenant: &str,
-        id: &str,
-        definition: &serde_json::Value,
-    ) -> Result<i32, StoreError> {
-        let mut client = self.client().await?;
-        let tx = client.transaction().await?;
-        tx.execute(
-            "INSERT INTO templates (tenant_id, id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
-            &[&tenant, &id],
-        )
-        .await?;
-        let current = tx
-            .query_one(
-                "SELECT t.published_version, v.definition FROM templates t
-                 LEFT JOIN template_versions v ON v.tenant_id = t.tenant_id
-                   AND v.template_id = t.id AND v.version = t.published_version
-                 WHERE t.tenant_id = $1 AND t.id = $2 FOR UPDATE OF t",
-                &[&tenant, &id],
-            )
-            .await?;
-        let published: Option<i32> = current.get(0);
-        let published_definition: Option<serde_json::Value> = current.get(1);
-        if let (Some(version), Some(existing)) = (published, published_definition)
-            && &existing == definition
-        {
-            tx.commit().await?;
-            return Ok(version);
-        }
-        let next: i32 = tx
-            .query_one(
-                "SELECT COALESCE(MAX(version), 0) + 1 FROM template_versions
-                 WHERE tenant_id = $1 AND template_id = $2",
-                &[&tenant, &id],
-            )
-            .await?
-            .get(0);
-        tx.execute(
-            "INSERT INTO template_versions (tenant_id, template_id, version, definition)
-             VALUES ($1, $2, $3, $4)",
-            &[&tenant, &id, &next, definition],
-        )
-        .await?;
-        tx.execute(
-            "UPDATE templates SET published_version = $3 WHERE tenant_id = $1 AND id = $2",
-            &[&tenant, &id, &next],
-        )
-        .await?;
-        tx.commit().await?;
-        Ok(next)
-    }
-
-    /// A template version: the published one when `version` is `None`.
-    pub async fn template(
-        &self,
-        tenant: &str,
-        id: &str,
-        version: Option<i32>,
-    ) -> Result<Option<TemplateRecord>, StoreError> {
-        let row = self
-            .client()
-            .await?
-            .query_opt(
-                "SELECT v.version, v.definition FROM templates t
-                 JOIN template_versions v ON v.tenant_id = t.tenant_id AND v.template_id = t.id
-                 WHERE t.tenant_id = $1 AND t.id = $2
-                   AND v.version = COALESCE($3, t.published_version)",
-                &[&tenant, &id, &version],
-            )
-            .await?;
-        Ok(row.map(|r| TemplateRecord {
-            id: id.to_string(),
-            version: r.get(0),
-            definition: r.get(1),
-        }))
     }
 }
