@@ -66,6 +66,7 @@ impl TestEnv {
         config.amqp.retry_tiers = vec!["200ms".into(), "1s".into()];
         config.token.redis.key_prefix = format!("herald-test-{id}:");
         config.sender.redis.key_prefix = format!("herald-test-{id}:");
+        config.renderer.redis.key_prefix = format!("herald-test-{id}:");
         config.token.listen = "127.0.0.1:0".into();
         config.ingress.listen = "127.0.0.1:0".into();
         config.callback.listen = "127.0.0.1:0".into();

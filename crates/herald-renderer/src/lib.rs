@@ -2,13 +2,17 @@
 //! ingress outbox), renders every channel variant strictly, writes one delivery row per
 //! recipient × channel and publishes the delivery jobs.
 
+mod audience;
+mod fanout;
+mod preferences;
+mod schedule;
 pub mod template;
 
 use std::sync::Arc;
 
-use herald_amqp::{AmqpSettings, BasicProperties, Broker, Delivery, Disposition, FieldTable, Lane};
+use herald_amqp::{AmqpSettings, Broker, Delivery, Disposition};
 use herald_contract::v1::{DeliveryJob, NotificationRequest};
-use herald_contract::{SCHEMA_VERSION, channels, decode_json, encode_json, headers};
+use herald_contract::{channels, decode_json};
 use herald_store::{NewDelivery, NewMessage, Store, StoreSettings};
 use herald_telemetry::TelemetrySettings;
 use serde::{Deserialize, Serialize};
@@ -18,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use uuid::Uuid;
 
+pub use schedule::{MAX_RECIPIENTS, RendererSettings};
 pub use template::{CompiledTemplate, RenderError, TemplateCache, TemplateDefinition};
 
 /// The renderer's configuration (sections of herald.toml).
@@ -27,6 +32,7 @@ pub struct RendererConfig {
     pub amqp: AmqpSettings,
     pub postgres: StoreSettings,
     pub telemetry: TelemetrySettings,
+    pub renderer: RendererSettings,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +53,8 @@ struct Renderer {
     store: Store,
     queue: String,
     templates: Arc<TemplateCache>,
+    settings: RendererSettings,
+    limits: preferences::Limits,
 }
 
 /// Failures that decide a message's fate.
@@ -98,12 +106,20 @@ pub async fn run(config: RendererConfig, shutdown: CancellationToken) -> Result<
         let stop = stop.clone();
         async move { templates.listen(control, stop).await }
     });
+    // Held-back jobs (send_at, quiet hours) leave Postgres from here when due.
+    tokio::spawn(schedule::run_scheduler(
+        store.clone(),
+        config.renderer.clone(),
+        stop.clone(),
+    ));
     tracing::info!(%queue, "renderer consuming");
     let renderer = Arc::new(Renderer {
         broker: broker.clone(),
         store,
         queue,
         templates,
+        limits: preferences::Limits::new(config.renderer.redis.clone()),
+        settings: config.renderer,
     });
     let consumed = consumer
         .run(
@@ -185,7 +201,8 @@ impl Renderer {
             }
         };
         tracing::Span::current().record("herald.tenant", record.tenant_id.as_str());
-        if record.state == "rejected" {
+        // Settled before rendering (rejected, cancelled, expired): nothing to do.
+        if matches!(record.state.as_str(), "rejected" | "cancelled" | "expired") {
             return Ok(());
         }
         let request: NotificationRequest =
@@ -193,73 +210,7 @@ impl Renderer {
                 reason: "decode_error",
                 detail: format!("stored request: {e}"),
             })?;
-        let planned = self
-            .plan(&record.tenant_id, id, &request)
-            .await?
-            .map_err(|error| Failure::Rejected {
-                message_id: id,
-                error,
-            })?;
-        // A recipient who unfollowed the account gets no send: the delivery is created as
-        // `suppressed` (reason `unsubscribed`) and no job is published for it.
-        let (planned, suppressed) = self.split_unfollowed(planned).await?;
-        if !suppressed.is_empty() {
-            self.store
-                .create_suppressed_deliveries(
-                    id,
-                    &record.tenant_id,
-                    &suppressed,
-                    "unsubscribed",
-                    "the recipient has unfollowed the Official Account",
-                )
-                .await?;
-            tracing::info!(
-                suppressed = suppressed.len(),
-                "deliveries suppressed: unsubscribed"
-            );
-        }
-        let rows: Vec<NewDelivery> = planned.iter().map(|(row, _)| row.clone()).collect();
-        self.store
-            .create_deliveries(id, &record.tenant_id, &rows)
-            .await?;
-        let publisher = self.broker.publisher();
-        let exchange = self.broker.topology().deliveries_exchange();
-        let publishes = planned.iter().map(|(row, job)| {
-            let mut table = FieldTable::default();
-            herald_amqp::trace::inject_current(&mut table);
-            table.insert(
-                headers::SCHEMA_VERSION.into(),
-                herald_amqp::AMQPValue::LongString(SCHEMA_VERSION.into()),
-            );
-            table.insert(
-                headers::ATTEMPT.into(),
-                herald_amqp::AMQPValue::LongLongInt(1),
-            );
-            let properties = BasicProperties::default()
-                .with_content_type("application/json".into())
-                .with_message_id(row.id.to_string().into())
-                .with_priority(job.priority().amqp_priority())
-                .with_headers(table);
-            let publisher = publisher.clone();
-            let exchange = exchange.clone();
-            let body = encode_json(job);
-            // Each priority has its own lane (queue): `<channel>` for normal, `<channel>.<lane>`
-            // for urgent, high and bulk.
-            let routing_key = self
-                .broker
-                .topology()
-                .lane_routing_key(&row.channel, Lane::from(job.priority()));
-            async move {
-                publisher
-                    .publish(&exchange, &routing_key, &body, properties)
-                    .await
-            }
-        });
-        for result in futures::future::join_all(publishes).await {
-            result?;
-        }
-        tracing::info!(deliveries = planned.len(), "rendered");
-        Ok(())
+        self.fan_out(&record, &request).await
     }
 
     async fn tenant_of(&self, delivery: &Delivery) -> Result<String, Failure> {
@@ -279,49 +230,13 @@ impl Renderer {
             })
     }
 
-    /// Splits planned deliveries into those to send and those whose recipient is known to
-    /// have unfollowed the sending account (`wechat.template` only: follow state comes from
-    /// the account's subscribe/unsubscribe callbacks).
-    #[allow(clippy::type_complexity)]
-    async fn split_unfollowed(
-        &self,
-        planned: Vec<(NewDelivery, DeliveryJob)>,
-    ) -> Result<(Vec<(NewDelivery, DeliveryJob)>, Vec<NewDelivery>), Failure> {
-        let mut by_account: std::collections::BTreeMap<&str, Vec<String>> = Default::default();
-        for (row, _) in &planned {
-            if row.channel == channels::WECHAT_TEMPLATE {
-                by_account
-                    .entry(row.provider_account.as_str())
-                    .or_default()
-                    .push(row.recipient.clone());
-            }
-        }
-        let mut unfollowed = std::collections::HashSet::new();
-        for (account, recipients) in by_account {
-            for recipient in self
-                .store
-                .unfollowed_recipients(account, &recipients)
-                .await?
-            {
-                unfollowed.insert((account.to_string(), recipient));
-            }
-        }
-        if unfollowed.is_empty() {
-            return Ok((planned, Vec::new()));
-        }
-        let (suppressed, send): (Vec<_>, Vec<_>) = planned.into_iter().partition(|(row, _)| {
-            row.channel == channels::WECHAT_TEMPLATE
-                && unfollowed.contains(&(row.provider_account.clone(), row.recipient.clone()))
-        });
-        Ok((send, suppressed.into_iter().map(|(row, _)| row).collect()))
-    }
-
     /// Decides the deliveries of a request and renders their jobs.
     async fn plan(
         &self,
         tenant: &str,
         message_id: Uuid,
         request: &NotificationRequest,
+        recipients: &[(usize, &herald_contract::v1::Recipient)],
     ) -> Result<Result<Vec<(NewDelivery, DeliveryJob)>, RenderError>, Failure> {
         let Some(template_ref) = request.template.as_ref().filter(|t| !t.id.is_empty()) else {
             return Ok(Err(RenderError::new("template.id", "required")));
@@ -364,7 +279,7 @@ impl Renderer {
         let mut planned = Vec::new();
         // One account look-up per channel, not per recipient.
         let mut accounts: std::collections::HashMap<String, Option<String>> = Default::default();
-        for (index, recipient) in request.recipients.iter().enumerate() {
+        for &(index, recipient) in recipients {
             // The first wanted channel this recipient can be reached on (fallback chains
             // across channels come with the channel work).
             let choice = wanted.iter().find(|channel| {

@@ -434,6 +434,28 @@ impl Sender {
             .unwrap_or(1)
             .max(1);
 
+        // Past its expires_at: never sent. Stored as `expired` (a delivery already settled
+        // stays as it is), then acked; checked before any slot, claim or provider call.
+        if let Some(expires_at) = job.expires_at.as_ref()
+            && let Some(at) = DateTime::from_timestamp(
+                expires_at.seconds,
+                u32::try_from(expires_at.nanos).unwrap_or(0),
+            )
+            && at <= Utc::now()
+        {
+            let message = format!("not sent by expires_at {}", at.to_rfc3339());
+            return match self.store.expire_delivery(delivery_id, &message).await {
+                Ok(state) => {
+                    tracing::info!(state = state.name(), "delivery expired before sending");
+                    Disposition::Ack
+                }
+                Err(herald_store::StoreError::NotFound(what)) => dead("unknown_delivery", what),
+                Err(e) => Disposition::Requeue {
+                    error: e.to_string(),
+                },
+            };
+        }
+
         // A deferred job that came back before its time waits again, untouched.
         if let Some(until) = herald_amqp::header_i64(table, headers::DEFER_UNTIL)
             && until > now_ms()

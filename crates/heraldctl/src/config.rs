@@ -5,7 +5,7 @@ use herald_amqp::AmqpSettings;
 use herald_callback::{CallbackConfig, CallbackSettings};
 use herald_config::TokenServiceClientSettings;
 use herald_ingress::{IngressConfig, IngressSettings};
-use herald_renderer::RendererConfig;
+use herald_renderer::{RendererConfig, RendererSettings};
 use herald_sandbox::SandboxConfig;
 use herald_sender::{SenderConfig, SenderSettings};
 use herald_store::StoreSettings;
@@ -20,6 +20,7 @@ pub struct HeraldConfig {
     pub postgres: StoreSettings,
     pub telemetry: TelemetrySettings,
     pub ingress: IngressSettings,
+    pub renderer: RendererSettings,
     pub callback: CallbackSettings,
     pub sender: SenderSettings,
     /// The token service itself.
@@ -62,6 +63,7 @@ impl HeraldConfig {
             amqp: self.amqp.clone(),
             postgres: self.postgres.clone(),
             telemetry: self.telemetry.clone(),
+            renderer: self.renderer.clone(),
         }
     }
 
