@@ -427,6 +427,14 @@ impl Publisher {
         properties: BasicProperties,
     ) -> Result<(), AmqpError> {
         let mut headers = properties.headers().clone().unwrap_or_default();
+        // The next attempt links back to this one (it is also its descendant, through the
+        // retry publish; the link makes the attempts easy to walk in a trace view).
+        if let Some(traceparent) = herald_telemetry::current_traceparent() {
+            headers.insert(
+                headers::RETRY_OF.into(),
+                AMQPValue::LongString(traceparent.into()),
+            );
+        }
         headers.insert(
             "CC".into(),
             AMQPValue::FieldArray(FieldArray::from(vec![AMQPValue::LongString(

@@ -82,5 +82,12 @@ pub fn consumer_span(queue: &str, delivery: &lapin::message::Delivery) -> tracin
         span.record("messaging.message.id", id.as_str());
     }
     set_parent_from(&span, delivery.properties.headers().as_ref());
+    let retry_of = crate::header_str(
+        delivery.properties.headers().as_ref(),
+        herald_contract::headers::RETRY_OF,
+    );
+    if let Some(previous) = retry_of.and_then(herald_telemetry::span_context_of) {
+        span.add_link(previous);
+    }
     span
 }

@@ -32,6 +32,8 @@ pub mod headers {
     pub const DEFER_UNTIL: &str = "x-herald-defer-until";
     /// When Herald published the message (ms since the epoch), for queue-lag metrics.
     pub const PUBLISHED_AT: &str = "x-herald-published-at";
+    /// On a retried job: the `traceparent` of the attempt that failed, linked from the next.
+    pub const RETRY_OF: &str = "x-herald-retry-of";
     /// W3C trace context.
     pub const TRACEPARENT: &str = "traceparent";
     pub const TRACESTATE: &str = "tracestate";

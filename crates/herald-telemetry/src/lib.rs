@@ -187,6 +187,15 @@ pub fn current_traceparent() -> Option<String> {
     })
 }
 
+/// The span context a `traceparent` value names (to link to it), if valid.
+pub fn span_context_of(traceparent: &str) -> Option<opentelemetry::trace::SpanContext> {
+    let headers =
+        std::collections::HashMap::from([("traceparent".to_string(), traceparent.to_string())]);
+    let context = opentelemetry::global::get_text_map_propagator(|p| p.extract(&headers));
+    let sc = context.span().span_context().clone();
+    sc.is_valid().then_some(sc)
+}
+
 /// The trace id of the current span, if any.
 pub fn current_trace_id() -> Option<String> {
     let context = tracing::Span::current().context();
