@@ -43,7 +43,9 @@ impl Default for IngressSettings {
     fn default() -> Self {
         Self {
             listen: "127.0.0.1:8090".into(),
-            max_body_bytes: 256 * 1024,
+            // 10,000 recipients (the most one request may name) with directory user ids or
+            // openids fit with room to spare.
+            max_body_bytes: 2 * 1024 * 1024,
         }
     }
 }

@@ -18,6 +18,9 @@ fn err(field: impl Into<String>, message: impl Into<String>) -> Result<(), Field
     })
 }
 
+/// The most recipients one request may name (the renderer enforces the same for AMQP).
+pub const MAX_RECIPIENTS: usize = 10_000;
+
 pub fn validate(request: &NotificationRequest) -> Result<(), FieldError> {
     if !request.id.is_empty() && uuid::Uuid::parse_str(&request.id).is_err() {
         return err("id", "must be a UUID");
@@ -28,6 +31,15 @@ pub fn validate(request: &NotificationRequest) -> Result<(), FieldError> {
     }
     if request.recipients.is_empty() {
         return err("recipients", "at least one recipient is required");
+    }
+    if request.recipients.len() > MAX_RECIPIENTS {
+        return err(
+            "recipients",
+            format!(
+                "at most {MAX_RECIPIENTS} recipients per request (got {}); split the request",
+                request.recipients.len()
+            ),
+        );
     }
     for (index, r) in request.recipients.iter().enumerate() {
         let any = [

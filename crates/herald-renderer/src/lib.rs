@@ -95,7 +95,10 @@ pub async fn run(config: RendererConfig, shutdown: CancellationToken) -> Result<
     herald_telemetry::spawn_admin(&config.telemetry, store.ready_check(&broker), stop.clone())
         .await?;
     let queue = broker.topology().render_queue();
-    let consumer = broker.consume(&queue, "herald-renderer").await?;
+    let mut consumer = broker.consume(&queue, "herald-renderer").await?;
+    if let Some(ms) = config.renderer.drain_timeout_ms {
+        consumer = consumer.with_drain_timeout(std::time::Duration::from_millis(ms));
+    }
     // Subscribed before consuming, so no publish announced from here on is missed.
     let templates = Arc::new(TemplateCache::default());
     let control = broker

@@ -25,6 +25,9 @@ pub struct RendererSettings {
     pub schedule_poll_ms: u64,
     /// Jobs released per scheduler round.
     pub schedule_batch: i64,
+    /// On shutdown, how long requests in flight may take to finish before they are abandoned
+    /// unacknowledged (the broker redelivers them); unset waits for them.
+    pub drain_timeout_ms: Option<u64>,
     /// For tests: the renderer's clock (quiet hours, `send_at`, `expires_at`) reads this
     /// instead of the system clock.
     pub fixed_now: Option<DateTime<Utc>>,
@@ -38,6 +41,7 @@ impl Default for RendererSettings {
             max_recipients: MAX_RECIPIENTS,
             schedule_poll_ms: 250,
             schedule_batch: 500,
+            drain_timeout_ms: None,
             fixed_now: None,
         }
     }

@@ -28,6 +28,10 @@ pub struct HeraldConfig {
     /// How the other services reach the token service.
     pub token_service: TokenServiceClientSettings,
     pub sandbox: SandboxConfig,
+    /// Tests only: the stack starts no renderer; the test starts its own
+    /// ([`crate::Stack::spawn_renderer`]) to stop one mid-fan-out.
+    #[serde(skip)]
+    pub external_renderer: bool,
 }
 
 impl HeraldConfig {

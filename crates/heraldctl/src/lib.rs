@@ -7,4 +7,4 @@ pub mod dlq;
 pub mod stack;
 
 pub use config::HeraldConfig;
-pub use stack::{SenderHandle, Stack, StackError};
+pub use stack::{SenderHandle, ServiceHandle, Stack, StackError};

@@ -159,12 +159,14 @@ impl Stack {
             let result = herald_callback::run(callback, callback_listener, stop).await;
             ("callback", result.map_err(|e| e.to_string()))
         });
-        let stop = shutdown.clone();
-        let renderer = config.renderer();
-        tasks.spawn(async move {
-            let result = herald_renderer::run(renderer, stop).await;
-            ("renderer", result.map_err(|e| e.to_string()))
-        });
+        if !config.external_renderer {
+            let stop = shutdown.clone();
+            let renderer = config.renderer();
+            tasks.spawn(async move {
+                let result = herald_renderer::run(renderer, stop).await;
+                ("renderer", result.map_err(|e| e.to_string()))
+            });
+        }
         // A stack without sender channels leaves sending to workers started on their own
         // (tests run several, or stop one mid-job): see [`Stack::spawn_sender`].
         if !config.sender.channels.is_empty() {
@@ -209,6 +211,19 @@ impl Stack {
         SenderHandle { shutdown, task }
     }
 
+    /// Starts one more renderer wired like the stack's, with `customize` applied to its
+    /// configuration; it runs until its own [`ServiceHandle::stop`] or the stack's shutdown.
+    pub fn spawn_renderer(
+        &self,
+        customize: impl FnOnce(&mut herald_renderer::RendererConfig),
+    ) -> ServiceHandle<herald_renderer::RendererError> {
+        let mut config = self.config.renderer();
+        customize(&mut config);
+        let shutdown = self.shutdown.child_token();
+        let task = tokio::spawn(herald_renderer::run(config, shutdown.clone()));
+        ServiceHandle { shutdown, task }
+    }
+
     /// Resolves when any service stops (with its name and error), e.g. to exit `up` loudly.
     pub async fn stopped(&mut self) -> Option<(&'static str, Result<(), String>)> {
         match self.tasks.join_next().await? {
@@ -229,13 +244,16 @@ impl Stack {
 }
 
 /// A sender worker started by [`Stack::spawn_sender`].
-pub struct SenderHandle {
+pub type SenderHandle = ServiceHandle<herald_sender::SenderError>;
+
+/// A service started on its own by a [`Stack`] (a sender worker, a renderer).
+pub struct ServiceHandle<E> {
     shutdown: CancellationToken,
-    task: tokio::task::JoinHandle<Result<(), herald_sender::SenderError>>,
+    task: tokio::task::JoinHandle<Result<(), E>>,
 }
 
-impl SenderHandle {
-    /// SIGTERM for this worker: stop consuming, drain (up to its drain timeout), close.
+impl<E: std::fmt::Display> ServiceHandle<E> {
+    /// SIGTERM for this service: stop consuming, drain (up to its drain timeout), close.
     pub async fn stop(self) -> Result<(), String> {
         self.shutdown.cancel();
         match self.task.await {
