@@ -2,6 +2,7 @@
 //! row in one transaction, relayed to the requests exchange with a confirm) before answering
 //! 202; `GET /v1/messages/{id}` shows the whole lifecycle.
 
+mod recipients;
 mod status;
 mod validate;
 
@@ -115,6 +116,7 @@ fn router(state: Arc<Ingress>, max_body_bytes: usize) -> Router {
                 .put(status::put_webhook)
                 .delete(status::delete_webhook),
         )
+        .merge(recipients::routes())
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(ready))
         .layer(DefaultBodyLimit::max(max_body_bytes))

@@ -36,6 +36,7 @@ const STATES: &[&str] = &[
     "suppressed",
     "failed",
     "expired",
+    "cancelled",
 ];
 
 fn field_error(field: &str, message: impl Into<String>) -> ApiError {
