@@ -76,7 +76,10 @@ async fn ten_thousand_recipients_make_exactly_ten_thousand_jobs_across_a_rendere
     })
     .await;
     // Every job row relayed (a row leaves the outbox only after the broker's confirm).
-    poll_count(&db, JOBS_IN_OUTBOX, &id, Duration::from_secs(60), |n| n == 0).await;
+    poll_count(&db, JOBS_IN_OUTBOX, &id, Duration::from_secs(60), |n| {
+        n == 0
+    })
+    .await;
     let queue = env
         .broker
         .topology()

@@ -4,6 +4,7 @@
 pub mod config;
 pub mod demo;
 pub mod dlq;
+pub mod recipients;
 pub mod stack;
 
 pub use config::HeraldConfig;

@@ -57,6 +57,11 @@ enum Command {
         #[command(subcommand)]
         command: DlqCommand,
     },
+    /// Manage the recipient directory (user id -> addresses and preferences).
+    Recipients {
+        #[command(subcommand)]
+        command: heraldctl::recipients::RecipientsCommand,
+    },
 }
 
 #[derive(Subcommand)]
@@ -173,6 +178,7 @@ async fn main() -> anyhow::Result<()> {
             timeout,
         } => send(config, rest, &openid, timeout).await,
         Command::Dlq { command } => dlq_command(config, command).await,
+        Command::Recipients { command } => heraldctl::recipients::run(&config, command).await,
         Command::Status { id } => {
             let store = Store::connect(&config.postgres, "").await?;
             let view = store
