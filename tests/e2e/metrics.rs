@@ -3,21 +3,7 @@
 use std::time::Duration;
 
 use herald_contract::v1::DeliveryState;
-use herald_e2e::{TestEnv, demo};
-
-/// The value of the first sample of `name` whose labels contain every `(key, value)` given.
-fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    text.lines()
-        .filter(|line| !line.starts_with('#'))
-        .filter(|line| line.split(['{', ' ']).next() == Some(name))
-        .find(|line| {
-            labels
-                .iter()
-                .all(|(k, v)| line.contains(&format!("{k}=\"{v}\"")))
-        })
-        .and_then(|line| line.rsplit(' ').next())
-        .and_then(|value| value.parse().ok())
-}
+use herald_e2e::{TestEnv, demo, metric_sample as sample};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_parse_as_prometheus_text_and_count_the_send() {
@@ -88,30 +74,6 @@ async fn metrics_parse_as_prometheus_text_and_count_the_send() {
     env.stop().await;
 }
 
-/// Scrapes `/metrics` until `check` holds for it (gauges are sampled in the background).
-async fn scrape_until(env: &TestEnv, admin: &str, check: impl Fn(&str) -> bool) -> String {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let text = env
-            .http
-            .get(format!("{admin}/metrics"))
-            .send()
-            .await
-            .expect("metrics")
-            .text()
-            .await
-            .expect("text");
-        if check(&text) {
-            return text;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "metrics never matched:\n{text}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queue_depth_dead_letters_and_queue_lag_are_measured() {
     let env = TestEnv::start_with(|config| {
@@ -119,16 +81,16 @@ async fn queue_depth_dead_letters_and_queue_lag_are_measured() {
         config.amqp.depth_sample_interval_ms = 100;
     })
     .await;
-    let admin = env.stack.admin_url.clone().expect("admin listener");
     let dead = env.broker.topology().dead_queue();
     let render = env.broker.topology().render_queue();
     // Metrics are process-wide and tests share the process: this test's queues have their
     // own names, the DLQ gauge is read through its per-queue twin.
-    let text = scrape_until(&env, &admin, |text| {
-        sample(text, "herald_queue_depth", &[("queue", &dead)]) == Some(0.0)
-            && sample(text, "herald_queue_depth", &[("queue", &render)]).is_some()
-    })
-    .await;
+    let text = env
+        .scrape_until(|text| {
+            sample(text, "herald_queue_depth", &[("queue", &dead)]) == Some(0.0)
+                && sample(text, "herald_queue_depth", &[("queue", &render)]).is_some()
+        })
+        .await;
     assert!(
         sample(&text, "herald_dlq_depth", &[]).is_some(),
         "dlq gauge:\n{text}"
@@ -137,10 +99,8 @@ async fn queue_depth_dead_letters_and_queue_lag_are_measured() {
     // Two malformed requests are parked; the gauge follows.
     env.publish_request(b"{not json", Some("guest"), None).await;
     env.publish_request(b"[]", Some("guest"), None).await;
-    scrape_until(&env, &admin, |text| {
-        sample(text, "herald_queue_depth", &[("queue", &dead)]) == Some(2.0)
-    })
-    .await;
+    env.scrape_until(|text| sample(text, "herald_queue_depth", &[("queue", &dead)]) == Some(2.0))
+        .await;
 
     // The delivery job is published by Herald (the renderer's outbox relay): the sender
     // records how long it waited in the queue.
@@ -151,7 +111,7 @@ async fn queue_depth_dead_letters_and_queue_lag_are_measured() {
     let mut env = env;
     let id = env.send_demo(demo::OPENID, "MX-LAG").await;
     env.wait_for_status(&id, DeliveryState::Delivered).await;
-    scrape_until(&env, &admin, |text| {
+    env.scrape_until(|text| {
         sample(text, "herald_queue_lag_seconds_count", &[("queue", &send)])
             .is_some_and(|v| v >= 1.0)
     })

@@ -428,6 +428,49 @@ impl TestEnv {
     }
 }
 
+/// The value of the first sample of `name` in Prometheus text whose labels contain every
+/// `(key, value)` given.
+pub fn metric_sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter(|line| line.split(['{', ' ']).next() == Some(name))
+        .find(|line| {
+            labels
+                .iter()
+                .all(|(k, v)| line.contains(&format!("{k}=\"{v}\"")))
+        })
+        .and_then(|line| line.rsplit(' ').next())
+        .and_then(|value| value.parse().ok())
+}
+
+impl TestEnv {
+    /// Scrapes the stack's `/metrics` (the env must run with `telemetry.admin_listen`) until
+    /// `check` holds for the text, within the usual wait; returns that text.
+    pub async fn scrape_until(&self, check: impl Fn(&str) -> bool) -> String {
+        let admin = self.stack.admin_url.clone().expect("admin listener");
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let text = self
+                .http
+                .get(format!("{admin}/metrics"))
+                .send()
+                .await
+                .expect("metrics")
+                .text()
+                .await
+                .expect("text");
+            if check(&text) {
+                return text;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "metrics never matched:\n{text}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
 /// A distinct, valid-looking openid (28 characters) for recipient `n`.
 pub fn openid(n: usize) -> String {
     format!("oTest{n:023}")

@@ -5,6 +5,7 @@
 //! are failed and parked in the dead-letter queue. Each channel has four priority lanes
 //! (queues) with their own bounded concurrency, so urgent work overtakes a bulk backlog.
 
+pub mod breaker;
 pub mod limit;
 pub mod meters;
 pub mod policy;
@@ -30,6 +31,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use uuid::Uuid;
 
+use crate::breaker::{Admission, BreakerSettings, Breakers};
 use crate::limit::{AccountSettings, RateLimit, RateLimiter, Slot};
 use crate::policy::{Next, Policy, PolicyOverride};
 use crate::wechat::{Action, AlertKind, Defer, FailureKind};
@@ -110,6 +112,8 @@ pub struct SenderSettings {
     pub request_timeout_ms: u64,
     /// Bound on opening a connection to the provider.
     pub connect_timeout_ms: u64,
+    /// The per-account circuit breaker.
+    pub breaker: BreakerSettings,
 }
 
 impl Default for SenderSettings {
@@ -131,6 +135,7 @@ impl Default for SenderSettings {
             wechat_base_url: "http://127.0.0.1:8099".into(),
             request_timeout_ms: 10_000,
             connect_timeout_ms: 5_000,
+            breaker: BreakerSettings::default(),
         }
     }
 }
@@ -169,6 +174,7 @@ struct Shared {
     http: reqwest::Client,
     limiter: RateLimiter,
     tokens: TokenClient,
+    breakers: Breakers,
     policies: BTreeMap<String, Policy>,
     settings: SenderSettings,
 }
@@ -260,6 +266,7 @@ pub async fn run(config: SenderConfig, shutdown: CancellationToken) -> Result<()
             Duration::from_millis(settings.rate_limit_margin_ms),
         ),
         tokens: TokenClient::new(&config.token_service),
+        breakers: Breakers::new(settings.breaker),
         policies,
         settings: settings.clone(),
     });
@@ -322,9 +329,12 @@ async fn run_once(
     };
     // `/metrics`, `/healthz`, `/readyz` when `telemetry.admin_listen` is set; it stops with
     // this life of the workers and is bound again by the next.
-    if let Err(error) =
-        herald_telemetry::spawn_admin(&config.telemetry, store.ready_check(&broker), stop.clone())
-            .await
+    if let Err(error) = herald_telemetry::spawn_admin(
+        &config.telemetry,
+        ready_check(&store, &broker, &shared),
+        stop.clone(),
+    )
+    .await
     {
         stop.cancel();
         let _ = relay.await;
@@ -400,6 +410,28 @@ async fn run_once(
     ended
 }
 
+/// The store's check (Postgres, RabbitMQ), plus open circuit breakers as notes: a provider
+/// being down is no reason to take the worker out of service.
+fn ready_check(
+    store: &Store,
+    broker: &Broker,
+    shared: &Arc<Shared>,
+) -> herald_telemetry::ReadyCheck {
+    let dependencies = store.ready_check(broker);
+    let shared = shared.clone();
+    Arc::new(move || {
+        let (dependencies, shared) = (dependencies.clone(), shared.clone());
+        Box::pin(async move {
+            let mut notes = dependencies().await?;
+            let open = shared.breakers.open_accounts();
+            if !open.is_empty() {
+                notes.push(format!("circuit breaker open for {}", open.join(", ")));
+            }
+            Ok(notes)
+        })
+    })
+}
+
 fn now_ms() -> i64 {
     Utc::now().timestamp_millis()
 }
@@ -465,8 +497,16 @@ impl Sender {
             return self.republish(delivery, lane, &tier, |_| {}).await;
         }
 
-        // A slot under the account's rate limit, before anything is claimed.
+        // An account whose provider keeps failing is left alone: the job waits in a tier
+        // without a call and without using an attempt.
         let account = job.provider_account.as_str();
+        if let Admission::Wait(wait) = self.shared.breakers.admit(account) {
+            meters::breaker_deferred(&lane.channel, account);
+            let tier = self.broker.topology().tier_for(wait).clone();
+            return self.republish(delivery, lane, &tier, |_| {}).await;
+        }
+
+        // A slot under the account's rate limit, before anything is claimed.
         let asked = tokio::time::Instant::now();
         let slot = match self.rate_limit(account, policy) {
             Some(limit) => self.shared.limiter.reserve(account, limit).await,
@@ -791,6 +831,7 @@ impl Sender {
             let answer = match answer {
                 Ok(answer) => answer,
                 Err(e) => {
+                    shared.breakers.failed("wechat", account);
                     meters::provider_answer("wechat", "transport");
                     // Timeouts, resets and 5xx: the outcome may be unknown; the retry carries
                     // the same client_msg_id, so WeChat sends at most once.
@@ -804,6 +845,13 @@ impl Sender {
             let code = answer.errcode.to_string();
             meters::provider_answer("wechat", &code);
             let action = wechat::classify(answer.errcode);
+            // WeChat's `-1` (system busy) is the provider failing too; any other answer
+            // shows it is up.
+            if action == Action::Retry {
+                shared.breakers.failed("wechat", account);
+            } else {
+                shared.breakers.succeeded("wechat", account);
+            }
             let alert = wechat::alert(action, answer.errcode);
             return match action {
                 Action::Sent => match answer.msgid {

@@ -11,6 +11,8 @@
 //! | `herald_sender_retries_total` | counter | `channel`, `tier` |
 //! | `herald_rate_limit_wait_seconds` | histogram | `account` (time from asking for a slot to sending) |
 //! | `herald_provider_answers_total` | counter | `provider`, `code` (errcode, or `transport`) |
+//! | `herald_breaker_open` | gauge | `provider`, `account` (1 while the account's circuit breaker is open or probing) |
+//! | `herald_sender_breaker_deferred_total` | counter | `channel`, `account` (jobs sent back to wait, uncalled, while the breaker was open) |
 
 use std::time::Duration;
 
@@ -18,6 +20,8 @@ use metrics::{counter, describe_counter, describe_histogram, histogram};
 
 pub const OUTCOMES: &str = "herald_sender_outcomes_total";
 pub const ALERTS: &str = "herald_sender_alerts_total";
+pub const BREAKER_OPEN: &str = "herald_breaker_open";
+pub const BREAKER_DEFERRED: &str = "herald_sender_breaker_deferred_total";
 pub const RATE_LIMITED: &str = "herald_sender_rate_limited_total";
 pub const LIMITER_FALLBACK: &str = "herald_sender_rate_limiter_fallback_total";
 pub const PROVIDER_CALL: &str = "herald_sender_provider_call_seconds";
@@ -46,6 +50,14 @@ pub fn describe() {
         "Provider call latency"
     );
     describe_counter!(RETRIES, "Retries published, by delay tier");
+    metrics::describe_gauge!(
+        BREAKER_OPEN,
+        "1 while a provider account's circuit breaker is open or probing"
+    );
+    describe_counter!(
+        BREAKER_DEFERRED,
+        "Jobs sent back to wait, without a call, while their account's breaker was open"
+    );
     describe_histogram!(
         RATE_LIMIT_WAIT,
         metrics::Unit::Seconds,
@@ -78,6 +90,11 @@ pub fn alert(channel: &str, account: &str, kind: &'static str) {
 
 pub fn rate_limited(channel: &str, account: &str, action: &'static str) {
     counter!(RATE_LIMITED, "channel" => channel.to_string(), "account" => account.to_string(), "action" => action)
+        .increment(1);
+}
+
+pub fn breaker_deferred(channel: &str, account: &str) {
+    counter!(BREAKER_DEFERRED, "channel" => channel.to_string(), "account" => account.to_string())
         .increment(1);
 }
 

@@ -180,7 +180,7 @@ impl Store {
                     failing.push("rabbitmq".to_string());
                 }
                 if failing.is_empty() {
-                    Ok(())
+                    Ok(Vec::new())
                 } else {
                     Err(failing)
                 }

@@ -33,10 +33,14 @@ pub fn metrics_handle() -> Option<PrometheusHandle> {
         .clone()
 }
 
-/// A readiness check: resolves to `Ok` when the service's dependencies answer, else the
-/// names of those that do not.
-pub type ReadyCheck =
-    Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Result<(), Vec<String>>> + Send>> + Send + Sync>;
+/// A readiness check: resolves to `Ok` with notes worth showing (an open circuit breaker: the
+/// service is fine, a provider is not) when the service's dependencies answer, else `Err`
+/// with the names of those that do not.
+pub type ReadyCheck = Arc<
+    dyn Fn() -> Pin<Box<dyn Future<Output = Result<Vec<String>, Vec<String>>> + Send>>
+        + Send
+        + Sync,
+>;
 
 /// Serves `/metrics`, `/healthz` and `/readyz` on `listener` until `shutdown`.
 pub async fn serve_admin(
@@ -84,7 +88,8 @@ pub async fn serve_admin(
                 let ready = ready.clone();
                 async move {
                     match ready().await {
-                        Ok(()) => (StatusCode::OK, "ready".to_string()),
+                        Ok(notes) if notes.is_empty() => (StatusCode::OK, "ready".to_string()),
+                        Ok(notes) => (StatusCode::OK, format!("ready; {}", notes.join("; "))),
                         Err(failing) => (
                             StatusCode::SERVICE_UNAVAILABLE,
                             format!("not ready: {}", failing.join(", ")),

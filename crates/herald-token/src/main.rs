@@ -23,7 +23,7 @@ async fn main() -> anyhow::Result<()> {
         Box::pin(async move {
             let readiness = service.readiness().await;
             if readiness.ready {
-                Ok(())
+                Ok(Vec::new())
             } else {
                 let mut failing: Vec<String> = readiness
                     .misconfigured_accounts

@@ -131,7 +131,7 @@ impl Stack {
         if let Some((listener, _)) = admin {
             let stop = shutdown.clone();
             let ready: herald_telemetry::ReadyCheck =
-                std::sync::Arc::new(|| Box::pin(async { Ok(()) }));
+                std::sync::Arc::new(|| Box::pin(async { Ok(Vec::new()) }));
             tasks.spawn(async move {
                 let result = herald_telemetry::serve_admin(listener, ready, stop).await;
                 ("admin", result.map_err(|e| e.to_string()))
