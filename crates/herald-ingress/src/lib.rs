@@ -4,6 +4,7 @@
 
 mod recipients;
 mod status;
+mod templates;
 mod validate;
 
 use std::collections::{BTreeMap, HashMap};
@@ -116,6 +117,7 @@ fn router(state: Arc<Ingress>, max_body_bytes: usize) -> Router {
                 .put(status::put_webhook)
                 .delete(status::delete_webhook),
         )
+        .merge(templates::routes())
         .merge(recipients::routes())
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(ready))

@@ -6,6 +6,7 @@ pub mod demo;
 pub mod dlq;
 pub mod recipients;
 pub mod stack;
+pub mod templates;
 
 pub use config::HeraldConfig;
 pub use stack::{SenderHandle, ServiceHandle, Stack, StackError};

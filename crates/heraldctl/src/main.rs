@@ -10,7 +10,7 @@ use herald_amqp::{AMQPValue, BasicProperties, Broker, FieldTable};
 use herald_contract::v1::{DeliveryState, StatusEvent};
 use herald_contract::{SCHEMA_VERSION, decode_json, encode_json, headers};
 use herald_store::Store;
-use heraldctl::{HeraldConfig, Stack, demo, dlq, stack};
+use heraldctl::{HeraldConfig, Stack, demo, dlq, stack, templates};
 use uuid::Uuid;
 
 #[derive(Parser)]
@@ -61,6 +61,28 @@ enum Command {
     Recipients {
         #[command(subcommand)]
         command: heraldctl::recipients::RecipientsCommand,
+    },
+    /// Manage templates through the ingress API.
+    Templates {
+        #[command(subcommand)]
+        command: TemplatesCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum TemplatesCommand {
+    /// Create and publish a version of every template file (*.yaml) in a directory whose
+    /// definition changed; unchanged files create nothing.
+    Apply {
+        /// The directory of template files.
+        #[arg(short = 'f', long = "file")]
+        dir: PathBuf,
+        /// The ingress base URL (default: http://<ingress.listen>).
+        #[arg(long, env = "HERALD_INGRESS_URL")]
+        url: Option<String>,
+        /// The tenant's API key (default: the demo tenant's).
+        #[arg(long, env = "HERALD_API_KEY", default_value = demo::API_KEY, hide_default_value = true)]
+        api_key: String,
     },
 }
 
@@ -179,6 +201,29 @@ async fn main() -> anyhow::Result<()> {
         } => send(config, rest, &openid, timeout).await,
         Command::Dlq { command } => dlq_command(config, command).await,
         Command::Recipients { command } => heraldctl::recipients::run(&config, command).await,
+        Command::Templates {
+            command: TemplatesCommand::Apply { dir, url, api_key },
+        } => {
+            let url = url.unwrap_or_else(|| format!("http://{}", config.ingress.listen));
+            let applied = templates::apply(&reqwest::Client::new(), &url, &api_key, &dir).await?;
+            for a in applied {
+                let what = match a.outcome {
+                    templates::Outcome::Unchanged { version } => {
+                        format!("unchanged (version {version})")
+                    }
+                    templates::Outcome::Published {
+                        version,
+                        created: true,
+                    } => format!("created and published version {version}"),
+                    templates::Outcome::Published {
+                        version,
+                        created: false,
+                    } => format!("published version {version}"),
+                };
+                println!("{:24} {what}  ({})", a.id, a.path.display());
+            }
+            Ok(())
+        }
         Command::Status { id } => {
             let store = Store::connect(&config.postgres, "").await?;
             let view = store
