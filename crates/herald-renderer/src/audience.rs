@@ -14,7 +14,8 @@ pub enum Target {
     Reachable {
         index: usize,
         recipient: Recipient,
-        profile: Option<RecipientProfile>,
+        /// Boxed: most recipients of a large fan-out have none.
+        profile: Option<Box<RecipientProfile>>,
     },
     /// A directory user that cannot be reached: unknown, or without an address for any of
     /// the channels. Suppressed with this reason, not a rejection of the whole request.
@@ -110,7 +111,7 @@ pub async fn resolve(
                 return Target::Reachable {
                     index,
                     recipient: filled,
-                    profile,
+                    profile: profile.map(Box::new),
                 };
             }
             let (reason, detail) = match profile {

@@ -181,7 +181,7 @@ impl Renderer {
         let id = context.record.id;
         let tenant = context.record.tenant_id.as_str();
         let mut planned = Vec::with_capacity(targets.len());
-        let mut reachable: Vec<(usize, Recipient, Option<RecipientProfile>)> = Vec::new();
+        let mut reachable: Vec<(usize, Recipient, Option<Box<RecipientProfile>>)> = Vec::new();
         for target in targets {
             match target {
                 Target::Reachable {
@@ -232,7 +232,7 @@ impl Renderer {
                         detail: "the recipient has unfollowed the Official Account".into(),
                     }
                 } else {
-                    self.decide(context, &row, &job, recipient, profile.as_ref())
+                    self.decide(context, &row, &job, recipient, profile.as_deref())
                         .await?
                 };
             planned.push(PlannedDelivery {

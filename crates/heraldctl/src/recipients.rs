@@ -152,10 +152,10 @@ pub async fn run(config: &HeraldConfig, command: RecipientsCommand) -> anyhow::R
                     openids.join(" ")
                 );
             }
-            if page.len() as i64 == limit {
-                if let Some(last) = page.last() {
-                    println!("(more: --after {})", last.user_id);
-                }
+            if page.len() as i64 == limit
+                && let Some(last) = page.last()
+            {
+                println!("(more: --after {})", last.user_id);
             }
         }
     }
