@@ -197,12 +197,12 @@ impl TemplateDefinition {
             } else {
                 path
             };
-            // The YAML error starts with the path too; say it once.
+            // The YAML error starts with (a prefix of) the path too; say it once.
             let message = e.into_inner().to_string();
-            let message = message
-                .strip_prefix(&format!("{field}: "))
-                .map(str::to_string)
-                .unwrap_or(message);
+            let message = match message.split_once(": ") {
+                Some((path, rest)) if field.starts_with(path) => rest.to_string(),
+                _ => message,
+            };
             RenderError::new(field, message)
         })
     }

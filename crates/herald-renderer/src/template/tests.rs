@@ -346,6 +346,8 @@ fn publish_validation_names_the_field() {
         let err = with_variant(variant).expect_err(variant);
         assert_eq!(&err.field, field, "{variant}: {err}");
         assert!(err.message.contains(needle), "{variant}: {err}");
+        // The path is said once, in `field`.
+        assert!(!err.message.starts_with("channels"), "{err}");
     }
     let err = TemplateDefinition::from_yaml("id: t\nchannels: {}\n")
         .and_then(|d| d.validate())
