@@ -84,17 +84,6 @@ impl Store {
         let traceparent = herald_telemetry::current_traceparent();
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
-        // Serialises with a cancellation (which sets cancelled_at under the same row lock).
-        let cancelled: bool = tx
-            .query_one(
-                "SELECT cancelled_at IS NOT NULL FROM messages WHERE id = $1 FOR UPDATE",
-                &[&message_id],
-            )
-            .await?
-            .get(0);
-        if cancelled {
-            return Ok(BatchWritten::Cancelled);
-        }
         let n = planned.len();
         let (mut ids, mut channels, mut accounts, mut recipients) = (
             Vec::with_capacity(n),
@@ -236,6 +225,20 @@ impl Store {
                 ],
             )
             .await?;
+        }
+        // The message row is locked last, as every writer does (delivery rows, then the
+        // message), so this never deadlocks with a sender. Under that lock a cancellation
+        // (which sets cancelled_at under it) is either seen here or waits for this batch.
+        let cancelled: bool = tx
+            .query_one(
+                "SELECT cancelled_at IS NOT NULL FROM messages WHERE id = $1 FOR UPDATE",
+                &[&message_id],
+            )
+            .await?
+            .get(0);
+        if cancelled {
+            // Dropping the transaction rolls the batch back.
+            return Ok(BatchWritten::Cancelled);
         }
         Self::insert_outbox_many(&tx, &announcements, &jobs).await?;
         self.shift_counts(
