@@ -6,10 +6,11 @@
 //! (queues) with their own bounded concurrency, so urgent work overtakes a bulk backlog.
 
 pub mod breaker;
+pub mod channel;
+pub mod channels;
 pub mod limit;
 pub mod meters;
 pub mod policy;
-pub mod wechat;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -22,7 +23,7 @@ use herald_amqp::{
 };
 use herald_config::{RedisSettings, TokenServiceClientSettings};
 use herald_contract::v1::DeliveryJob;
-use herald_contract::{channels, decode_json, headers};
+use herald_contract::{decode_json, headers};
 use herald_store::{Claim, Outcome, Store, StoreSettings};
 use herald_telemetry::TelemetrySettings;
 use herald_token::client::TokenClient;
@@ -32,9 +33,9 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::breaker::{Admission, BreakerSettings, Breakers};
+use crate::channel::{Attempt, Channel};
 use crate::limit::{AccountSettings, RateLimit, RateLimiter, Slot};
 use crate::policy::{Next, Policy, PolicyOverride};
-use crate::wechat::{Action, AlertKind, Defer, FailureKind};
 
 /// Jobs in flight at once per lane of each channel (each lane's prefetch too). The defaults
 /// weight the lanes so a bulk backlog holds few slots while urgent and high work always has
@@ -119,7 +120,10 @@ pub struct SenderSettings {
 impl Default for SenderSettings {
     fn default() -> Self {
         Self {
-            channels: channels::ALL.iter().map(|c| c.to_string()).collect(),
+            channels: herald_contract::channels::ALL
+                .iter()
+                .map(|c| c.to_string())
+                .collect(),
             max_attempts: 8,
             max_age: "24h".into(),
             retry_schedule: Vec::new(),
@@ -171,9 +175,9 @@ impl SenderError {
 
 /// What lives across reconnects: one pooled HTTP client, the limiter, the policies.
 struct Shared {
-    http: reqwest::Client,
+    /// The channels this worker serves, by name.
+    channels: BTreeMap<String, Arc<dyn Channel>>,
     limiter: RateLimiter,
-    tokens: TokenClient,
     breakers: Breakers,
     policies: BTreeMap<String, Policy>,
     settings: SenderSettings,
@@ -194,27 +198,6 @@ struct LaneQueue {
     routing_key: String,
 }
 
-/// What one attempt came to.
-enum Attempt {
-    Sent(String),
-    Retry {
-        code: String,
-        message: String,
-    },
-    Defer {
-        code: String,
-        message: String,
-        defer: Defer,
-        alert: Option<AlertKind>,
-    },
-    Failed {
-        code: String,
-        message: String,
-        kind: FailureKind,
-        alert: Option<AlertKind>,
-    },
-}
-
 /// Runs sender workers for the configured channels until `shutdown`. A connection to the
 /// broker or the database lost for good (after lapin's own recovery gave up) restarts the
 /// workers with a backoff instead of ending the process; only configuration errors, or
@@ -225,15 +208,6 @@ pub async fn run(config: SenderConfig, shutdown: CancellationToken) -> Result<()
         return Err(SenderError::Config(
             "sender.channels: none configured".into(),
         ));
-    }
-    if let Some(unknown) = settings
-        .channels
-        .iter()
-        .find(|c| !channels::ALL.contains(&c.as_str()))
-    {
-        return Err(SenderError::Config(format!(
-            "sender.channels: unknown channel `{unknown}`"
-        )));
     }
     let topology = herald_amqp::Topology::new(&config.amqp).map_err(SenderError::Config)?;
     let policies = policy::resolve(
@@ -256,16 +230,25 @@ pub async fn run(config: SenderConfig, shutdown: CancellationToken) -> Result<()
         .pool_idle_timeout(Duration::from_secs(90))
         .build()
         .map_err(|e| SenderError::Config(e.to_string()))?;
+    let channel_shared = channels::Shared {
+        http,
+        tokens: Arc::new(TokenClient::new(&config.token_service)),
+    };
+    let served = settings
+        .channels
+        .iter()
+        .map(|name| channels::build(name, settings, &channel_shared).map(|c| (name.clone(), c)))
+        .collect::<Result<BTreeMap<_, _>, _>>()
+        .map_err(SenderError::Config)?;
     meters::describe();
     let shared = Arc::new(Shared {
-        http,
+        channels: served,
         limiter: RateLimiter::new(
             &settings.redis,
             settings.replicas,
             Duration::from_millis(settings.rate_limit_max_wait_ms),
             Duration::from_millis(settings.rate_limit_margin_ms),
         ),
-        tokens: TokenClient::new(&config.token_service),
         breakers: Breakers::new(settings.breaker),
         policies,
         settings: settings.clone(),
@@ -454,10 +437,13 @@ impl Sender {
         span.record("herald.delivery_id", tracing::field::display(delivery_id));
         span.record("herald.tenant", job.tenant.as_str());
         span.record("herald.channel", job.channel.as_str());
-        let Some(policy) = self.shared.policies.get(&lane.channel) else {
+        let (Some(policy), Some(channel)) = (
+            self.shared.policies.get(&lane.channel),
+            self.shared.channels.get(&lane.channel),
+        ) else {
             return dead(
                 "rejected",
-                format!("no policy for channel `{}`", lane.channel),
+                format!("channel `{}` is not served here", lane.channel),
             );
         };
         let table = delivery.properties.headers().as_ref();
@@ -551,7 +537,18 @@ impl Sender {
             meters::rate_limit_wait(account, asked.elapsed());
         }
 
-        let outcome = self.attempt(&job, delivery_id).await;
+        let outcome = channel.send(&job, delivery_id).await;
+        // Any answer shows the provider is up; failing to reach it (or it saying it is busy)
+        // counts toward its breaker. A token-service failure says nothing about it.
+        match &outcome {
+            Attempt::Retry {
+                provider_down: true,
+                ..
+            } => self.shared.breakers.failed(channel.provider(), account),
+            Attempt::Retry { .. } => {}
+            Attempt::Failed { code, .. } if code == "token" => {}
+            _ => self.shared.breakers.succeeded(channel.provider(), account),
+        }
         match outcome {
             Attempt::Sent(msgid) => {
                 meters::outcome(&lane.channel, "sent", "0");
@@ -579,7 +576,7 @@ impl Sender {
                 self.store_then_ack(delivery_id, Outcome::Failed { code, message })
                     .await
             }
-            Attempt::Retry { code, message } => {
+            Attempt::Retry { code, message, .. } => {
                 let created_at = match self.created_at(delivery_id).await {
                     Ok(at) => at,
                     Err(disposition) => return disposition,
@@ -790,125 +787,6 @@ impl Sender {
             Err(e) => Disposition::Requeue {
                 error: e.to_string(),
             },
-        }
-    }
-
-    /// One provider call, plus one immediate retry with a fresh token if WeChat rejected ours.
-    async fn attempt(&self, job: &DeliveryJob, delivery_id: Uuid) -> Attempt {
-        let shared = &self.shared;
-        let account = job.provider_account.as_str();
-        let mut token = match shared.tokens.token(account).await {
-            Ok(token) => token,
-            Err(e) => return token_failure(e),
-        };
-        let payload = job
-            .payload
-            .as_ref()
-            .and_then(|p| serde_json::to_value(p).ok())
-            .unwrap_or_default();
-        // The delivery id is stable across attempts, so WeChat de-duplicates a send whose
-        // answer we lost (crash, timeout) within its 10-minute window.
-        let client_msg_id = delivery_id.simple().to_string();
-        let mut refreshed = false;
-        loop {
-            let started = std::time::Instant::now();
-            let answer = wechat::send_template(
-                &shared.http,
-                &shared.settings.wechat_base_url,
-                &token.access_token,
-                &job.recipient,
-                &client_msg_id,
-                &payload,
-            )
-            .instrument(tracing::info_span!(
-                "POST /cgi-bin/message/template/send",
-                otel.kind = "client",
-                http.request.method = "POST",
-                server.address = %shared.settings.wechat_base_url,
-            ))
-            .await;
-            meters::provider_call(&job.channel, started.elapsed());
-            let answer = match answer {
-                Ok(answer) => answer,
-                Err(e) => {
-                    shared.breakers.failed("wechat", account);
-                    meters::provider_answer("wechat", "transport");
-                    // Timeouts, resets and 5xx: the outcome may be unknown; the retry carries
-                    // the same client_msg_id, so WeChat sends at most once.
-                    return Attempt::Retry {
-                        code: "transport".into(),
-                        message: e.to_string(),
-                    };
-                }
-            };
-            tracing::Span::current().record("herald.provider.errcode", answer.errcode);
-            let code = answer.errcode.to_string();
-            meters::provider_answer("wechat", &code);
-            let action = wechat::classify(answer.errcode);
-            // WeChat's `-1` (system busy) is the provider failing too; any other answer
-            // shows it is up.
-            if action == Action::Retry {
-                shared.breakers.failed("wechat", account);
-            } else {
-                shared.breakers.succeeded("wechat", account);
-            }
-            let alert = wechat::alert(action, answer.errcode);
-            return match action {
-                Action::Sent => match answer.msgid {
-                    Some(msgid) => Attempt::Sent(msgid.to_string()),
-                    None => Attempt::Retry {
-                        code: "no_msgid".into(),
-                        message: "success answer without msgid".into(),
-                    },
-                },
-                Action::RefreshToken if !refreshed => {
-                    refreshed = true;
-                    match shared
-                        .tokens
-                        .report_rejected(account, &token.access_token)
-                        .await
-                    {
-                        Ok(fresh) => {
-                            token = fresh;
-                            continue;
-                        }
-                        Err(e) => token_failure(e),
-                    }
-                }
-                // A fresh token rejected again is a real failure of this attempt, not a loop.
-                Action::RefreshToken | Action::Retry => Attempt::Retry {
-                    code,
-                    message: answer.errmsg,
-                },
-                Action::Defer(defer) => Attempt::Defer {
-                    code,
-                    message: answer.errmsg,
-                    defer,
-                    alert,
-                },
-                Action::Permanent(kind) => Attempt::Failed {
-                    code,
-                    message: answer.errmsg,
-                    kind,
-                    alert,
-                },
-            };
-        }
-    }
-}
-
-fn token_failure(error: herald_token::client::TokenClientError) -> Attempt {
-    if error.is_permanent() {
-        Attempt::Failed {
-            code: "token".into(),
-            message: error.to_string(),
-            kind: FailureKind::Config,
-            alert: Some(AlertKind::Config),
-        }
-    } else {
-        Attempt::Retry {
-            code: "token".into(),
-            message: error.to_string(),
         }
     }
 }

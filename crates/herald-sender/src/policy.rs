@@ -8,8 +8,8 @@ use chrono::{DateTime, FixedOffset, NaiveTime, TimeZone, Utc};
 use herald_amqp::{RetryTier, Topology, parse_delay};
 use serde::{Deserialize, Serialize};
 
+use crate::channel::Defer;
 use crate::limit::RateLimit;
-use crate::wechat::Defer;
 
 /// `[sender.policies."<channel>"]`: any field left out takes the `[sender]` default.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

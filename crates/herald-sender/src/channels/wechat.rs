@@ -1,9 +1,18 @@
 //! WeChat Official Account template messages: the HTTP call and the error-code table.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::time::Duration;
 
+use herald_contract::v1::DeliveryJob;
 use serde::Deserialize;
 use serde_json::Value;
+use tracing::Instrument;
+use uuid::Uuid;
+
+pub use crate::channel::{AlertKind, Defer, FailureKind};
+use crate::channel::{Attempt, Channel, token_failure};
+use crate::meters;
 
 /// What to do after an answer from WeChat.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -17,51 +26,6 @@ pub enum Action {
     Defer(Defer),
     /// Will never succeed as sent.
     Permanent(FailureKind),
-}
-
-/// How long a deferred job waits.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Defer {
-    /// Until the channel's configured daily quota reset (WeChat: midnight in Beijing).
-    QuotaReset,
-    /// This long.
-    For(Duration),
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FailureKind {
-    /// This recipient cannot get it (bad openid, not following, refused).
-    Recipient,
-    /// The template (id or arguments) is wrong: fix the template.
-    Template,
-    /// The account is misconfigured (appid, secret, permissions): alert.
-    Config,
-    /// WeChat answered a code this table does not know.
-    Unknown,
-}
-
-/// What an operator is alerted about (`herald_sender_alerts_total{kind}`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AlertKind {
-    Config,
-    Template,
-    /// The daily quota is used up: sends wait for the reset.
-    Quota,
-    /// WeChat blocks the server's IP until an admin confirms it (89503).
-    IpBlocked,
-    UnknownCode,
-}
-
-impl AlertKind {
-    pub fn label(self) -> &'static str {
-        match self {
-            AlertKind::Config => "config",
-            AlertKind::Template => "template",
-            AlertKind::Quota => "quota",
-            AlertKind::IpBlocked => "ip_blocked",
-            AlertKind::UnknownCode => "unknown_code",
-        }
-    }
 }
 
 /// The classification table of ../shared/WECHAT.md, one row per errcode.
@@ -140,6 +104,136 @@ pub async fn send_template(
         return Err(TransportError::Status(status.as_u16()));
     }
     Ok(response.json::<SendAnswer>().await?)
+}
+
+/// The `wechat.template` channel: Official Account template messages.
+pub struct WechatTemplate {
+    shared: super::Shared,
+    base_url: String,
+}
+
+impl WechatTemplate {
+    pub fn new(shared: super::Shared, base_url: String) -> Self {
+        Self { shared, base_url }
+    }
+
+    /// One provider call, plus one immediate retry with a fresh token if WeChat rejected ours.
+    async fn attempt(&self, job: &DeliveryJob, delivery_id: Uuid) -> Attempt {
+        let account = job.provider_account.as_str();
+        let tokens = &self.shared.tokens;
+        let mut token = match tokens.token(account).await {
+            Ok(token) => token,
+            Err(e) => return token_failure(e),
+        };
+        let payload = job
+            .payload
+            .as_ref()
+            .and_then(|p| serde_json::to_value(p).ok())
+            .unwrap_or_default();
+        // The delivery id is stable across attempts, so WeChat de-duplicates a send whose
+        // answer we lost (crash, timeout) within its 10-minute window.
+        let client_msg_id = delivery_id.simple().to_string();
+        let mut refreshed = false;
+        loop {
+            let started = std::time::Instant::now();
+            let answer = send_template(
+                &self.shared.http,
+                &self.base_url,
+                &token.access_token,
+                &job.recipient,
+                &client_msg_id,
+                &payload,
+            )
+            .instrument(tracing::info_span!(
+                "POST /cgi-bin/message/template/send",
+                otel.kind = "client",
+                http.request.method = "POST",
+                server.address = %self.base_url,
+            ))
+            .await;
+            meters::provider_call(&job.channel, started.elapsed());
+            let answer = match answer {
+                Ok(answer) => answer,
+                Err(e) => {
+                    meters::provider_answer("wechat", "transport");
+                    // Timeouts, resets and 5xx: the outcome may be unknown; the retry carries
+                    // the same client_msg_id, so WeChat sends at most once.
+                    return Attempt::Retry {
+                        code: "transport".into(),
+                        message: e.to_string(),
+                        provider_down: true,
+                    };
+                }
+            };
+            tracing::Span::current().record("herald.provider.errcode", answer.errcode);
+            let code = answer.errcode.to_string();
+            meters::provider_answer("wechat", &code);
+            let action = classify(answer.errcode);
+            let alert = alert(action, answer.errcode);
+            return match action {
+                Action::Sent => match answer.msgid {
+                    Some(msgid) => Attempt::Sent(msgid.to_string()),
+                    None => Attempt::Retry {
+                        code: "no_msgid".into(),
+                        message: "success answer without msgid".into(),
+                        provider_down: false,
+                    },
+                },
+                Action::RefreshToken if !refreshed => {
+                    refreshed = true;
+                    match tokens.report_rejected(account, &token.access_token).await {
+                        Ok(fresh) => {
+                            token = fresh;
+                            continue;
+                        }
+                        Err(e) => token_failure(e),
+                    }
+                }
+                // A fresh token rejected again is a real failure of this attempt, not a loop.
+                Action::RefreshToken => Attempt::Retry {
+                    code,
+                    message: answer.errmsg,
+                    provider_down: false,
+                },
+                // `-1`: WeChat is busy, which counts toward its breaker.
+                Action::Retry => Attempt::Retry {
+                    code,
+                    message: answer.errmsg,
+                    provider_down: true,
+                },
+                Action::Defer(defer) => Attempt::Defer {
+                    code,
+                    message: answer.errmsg,
+                    defer,
+                    alert,
+                },
+                Action::Permanent(kind) => Attempt::Failed {
+                    code,
+                    message: answer.errmsg,
+                    kind,
+                    alert,
+                },
+            };
+        }
+    }
+}
+
+impl Channel for WechatTemplate {
+    fn name(&self) -> &'static str {
+        herald_contract::channels::WECHAT_TEMPLATE
+    }
+
+    fn provider(&self) -> &'static str {
+        "wechat"
+    }
+
+    fn send<'a>(
+        &'a self,
+        job: &'a DeliveryJob,
+        delivery_id: Uuid,
+    ) -> Pin<Box<dyn Future<Output = Attempt> + Send + 'a>> {
+        Box::pin(self.attempt(job, delivery_id))
+    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,33 @@
+//! Every channel the sender can serve, each in its module.
+
+pub mod wechat;
+
+use std::sync::Arc;
+
+use herald_contract::channels;
+use herald_token::client::TokenClient;
+
+use crate::SenderSettings;
+use crate::channel::Channel;
+
+/// What channels share: one pooled HTTP client and the token service client.
+#[derive(Clone)]
+pub struct Shared {
+    pub http: reqwest::Client,
+    pub tokens: Arc<TokenClient>,
+}
+
+/// Builds the channel named `name` from the settings.
+pub fn build(
+    name: &str,
+    settings: &SenderSettings,
+    shared: &Shared,
+) -> Result<Arc<dyn Channel>, String> {
+    match name {
+        channels::WECHAT_TEMPLATE => Ok(Arc::new(wechat::WechatTemplate::new(
+            shared.clone(),
+            settings.wechat_base_url.clone(),
+        ))),
+        other => Err(format!("sender.channels: unknown channel `{other}`")),
+    }
+}
