@@ -65,14 +65,21 @@ pub enum VariableType {
     String,
     Number,
     Boolean,
+    /// A JSON array, for `{% for %}` loops (order lines in an e-mail).
+    List,
+    /// A JSON object, for `{{ order.id }}`.
+    Object,
 }
 
 impl VariableType {
-    fn name(self) -> &'static str {
+    /// The name with its article, for messages.
+    fn described(self) -> &'static str {
         match self {
-            VariableType::String => "string",
-            VariableType::Number => "number",
-            VariableType::Boolean => "boolean",
+            VariableType::Object => "an object",
+            VariableType::String => "a string",
+            VariableType::Number => "a number",
+            VariableType::Boolean => "a boolean",
+            VariableType::List => "a list",
         }
     }
 
@@ -81,6 +88,8 @@ impl VariableType {
             VariableType::String => value.is_string(),
             VariableType::Number => value.is_number(),
             VariableType::Boolean => value.is_boolean(),
+            VariableType::List => value.is_array(),
+            VariableType::Object => value.is_object(),
         }
     }
 }
@@ -268,7 +277,7 @@ impl TemplateDefinition {
                 Some(value) if !spec.kind.accepts(value) => {
                     return Err(RenderError::new(
                         field,
-                        format!("must be a {}", spec.kind.name()),
+                        format!("must be {}", spec.kind.described()),
                     ));
                 }
                 Some(_) => {}
@@ -286,6 +295,8 @@ impl TemplateDefinition {
                     VariableType::String => Value::String(name.clone()),
                     VariableType::Number => Value::from(1),
                     VariableType::Boolean => Value::Bool(true),
+                    VariableType::List => Value::Array(Vec::new()),
+                    VariableType::Object => Value::Object(Map::new()),
                 });
                 (name.clone(), value)
             })
@@ -314,7 +325,7 @@ impl TemplateDefinition {
             {
                 return Err(RenderError::new(
                     format!("variables.{name}.example"),
-                    format!("must be a {}", spec.kind.name()),
+                    format!("must be {}", spec.kind.described()),
                 ));
             }
         }

@@ -472,3 +472,39 @@ fn preview_renders_every_channel() {
         assert!(rendered.is_ok(), "{channel}: {rendered:?}");
     }
 }
+
+#[test]
+fn lists_and_objects_feed_loops_and_attributes() {
+    let definition = TemplateDefinition::from_yaml(
+        r#"
+id: receipt
+variables:
+  order: {type: object, required: true, example: {id: A-1}}
+  lines: {type: list, required: true, example: [{name: Tea, qty: 2}]}
+channels:
+  email:
+    subject: "Receipt {{ order.id }}"
+    html: "<ul>{% for l in lines %}<li>{{ l.qty }} × {{ l.name }}</li>{% endfor %}</ul>"
+"#,
+    )
+    .expect("parses");
+    definition.validate().expect("valid");
+    let t = CompiledTemplate::compile(definition, 1).expect("compiles");
+    let email = t
+        .render(
+            EMAIL,
+            "",
+            "",
+            &vars(json!({"order": {"id": "B-2"}, "lines": [{"name": "<Cake>", "qty": 1.0}]})),
+        )
+        .expect("renders");
+    assert_eq!(email["subject"], "Receipt B-2");
+    assert_eq!(email["html"], "<ul><li>1 × &lt;Cake&gt;</li></ul>");
+    let err = t
+        .render(EMAIL, "", "", &vars(json!({"order": "B-2", "lines": []})))
+        .expect_err("not an object");
+    assert_eq!(
+        err,
+        RenderError::new("variables.order", "must be an object")
+    );
+}
