@@ -4,6 +4,8 @@
 
 use std::time::Duration;
 
+use futures::StreamExt;
+
 use herald_contract::v1::Priority;
 use herald_e2e::{TestEnv, demo, openid};
 
@@ -107,6 +109,61 @@ async fn ten_thousand_recipients_make_exactly_ten_thousand_jobs_across_a_rendere
     );
     assert_eq!(row.get::<_, i32>(3), RECIPIENTS as i32);
     second.stop().await.expect("second renderer stops");
+
+    // Sends of one large message update its state in O(1) each and lose no count when many
+    // run at once: 1,000 claims and outcomes, 16 at a time, as sender workers would.
+    let store = herald_store::Store::connect(
+        &env.stack.config.postgres,
+        &env.broker.topology().status_exchange(),
+    )
+    .await
+    .expect("store");
+    let ids: Vec<uuid::Uuid> = db
+        .query(
+            "SELECT id FROM deliveries WHERE message_id = $1::text::uuid LIMIT 1000",
+            &[&id],
+        )
+        .await
+        .expect("ids")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let started = std::time::Instant::now();
+    futures::stream::iter(ids)
+        .for_each_concurrent(16, |delivery| {
+            let store = store.clone();
+            async move {
+                store.claim_delivery(delivery).await.expect("claim");
+                store
+                    .record_outcome(
+                        delivery,
+                        &herald_store::Outcome::Sent {
+                            provider_msgid: delivery.simple().to_string(),
+                        },
+                    )
+                    .await
+                    .expect("outcome");
+            }
+        })
+        .await;
+    let took = started.elapsed();
+    let counts: serde_json::Value = db
+        .query_one(
+            "SELECT state_counts FROM messages WHERE id = $1::text::uuid",
+            &[&id],
+        )
+        .await
+        .expect("counts")
+        .get(0);
+    assert_eq!(
+        counts,
+        serde_json::json!({"queued": 9_000, "sent": 1_000}),
+        "counters agree with the deliveries after concurrent updates"
+    );
+    assert!(
+        took < Duration::from_secs(30),
+        "1,000 sends of a 10,000-delivery message took {took:?}"
+    );
     env.stop().await;
 }
 
