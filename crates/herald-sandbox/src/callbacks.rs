@@ -47,6 +47,15 @@ pub(crate) struct CallbackJob {
     pub openid: String,
     pub msgid: u64,
     pub status: String,
+    pub event: CallbackEvent,
+}
+
+/// Which event reports the send.
+pub(crate) enum CallbackEvent {
+    /// Template messages: `TEMPLATESENDJOBFINISH` with `Status`.
+    TemplateSendJobFinish,
+    /// Subscribe messages: `subscribe_msg_sent_event` with one `List` item.
+    SubscribeMsgSent { template_id: String },
 }
 
 /// Longest receiver answer kept in the attempt record.
@@ -69,13 +78,22 @@ async fn deliver(sandbox: Sandbox, job: CallbackJob) {
         return;
     };
     let create_time = sandbox.clock().now().timestamp();
-    let body = event_xml(
-        &target.original_id,
-        &job.openid,
-        create_time,
-        job.msgid,
-        &job.status,
-    );
+    let body = match &job.event {
+        CallbackEvent::TemplateSendJobFinish => event_xml(
+            &target.original_id,
+            &job.openid,
+            create_time,
+            job.msgid,
+            &job.status,
+        ),
+        CallbackEvent::SubscribeMsgSent { template_id } => subscribe_sent_xml(
+            &target.original_id,
+            &job.openid,
+            create_time,
+            template_id,
+            job.msgid,
+        ),
+    };
     let timeout = Duration::from_millis(config.callback_timeout_ms);
     let attempts = config.callback_attempts.max(1);
     for attempt in 1..=attempts {
@@ -88,7 +106,7 @@ async fn deliver(sandbox: Sandbox, job: CallbackJob) {
             status = record.status,
             error = record.error,
             accepted,
-            "TEMPLATESENDJOBFINISH callback"
+            "send result callback"
         );
         {
             let mut state = sandbox.lock();
@@ -148,6 +166,8 @@ impl Sandbox {
             openid: openid.to_owned(),
             msgid: 0,
             status: String::new(),
+            // Only the body given is posted; the event kind is not used.
+            event: CallbackEvent::TemplateSendJobFinish,
         };
         let timeout = Duration::from_millis(self.inner.config.callback_timeout_ms);
         Some(post_once(self, &job, &target, body, 1, timeout).await)
@@ -341,6 +361,26 @@ fn event_xml(to_user: &str, openid: &str, create_time: i64, msgid: u64, status: 
         cdata(to_user),
         cdata(openid),
         cdata(status),
+    )
+}
+
+/// `subscribe_msg_sent_event` for one message (success: ErrorCode 0, ErrorStatus success).
+fn subscribe_sent_xml(
+    to_user: &str,
+    openid: &str,
+    create_time: i64,
+    template_id: &str,
+    msgid: u64,
+) -> String {
+    format!(
+        "<xml><ToUserName>{}</ToUserName><FromUserName>{}</FromUserName>\
+         <CreateTime>{create_time}</CreateTime><MsgType><![CDATA[event]]></MsgType>\
+         <Event><![CDATA[subscribe_msg_sent_event]]></Event><SubscribeMsgSentEvent><List>\
+         <TemplateId>{}</TemplateId><MsgID>{msgid}</MsgID><ErrorCode>0</ErrorCode>\
+         <ErrorStatus><![CDATA[success]]></ErrorStatus></List></SubscribeMsgSentEvent></xml>",
+        cdata(to_user),
+        cdata(openid),
+        cdata(template_id),
     )
 }
 

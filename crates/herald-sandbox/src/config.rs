@@ -63,6 +63,9 @@ pub struct SandboxApp {
     /// Templates that exist for this app.
     #[serde(default)]
     pub templates: Vec<SandboxTemplate>,
+    /// Subscribe message templates; keys are named by field type and number (`thing1`).
+    #[serde(default)]
+    pub subscribe_templates: Vec<SandboxTemplate>,
 }
 
 impl SandboxApp {
@@ -79,6 +82,10 @@ impl SandboxApp {
             templates: vec![SandboxTemplate {
                 template_id: "tmpl_order_shipped".into(),
                 keys: vec!["order_id".into(), "carrier".into(), "eta".into()],
+            }],
+            subscribe_templates: vec![SandboxTemplate {
+                template_id: "tmpl_sub_order_shipped".into(),
+                keys: vec!["character_string1".into(), "thing2".into(), "time3".into()],
             }],
         }
     }

@@ -21,6 +21,7 @@ pub(crate) fn routes() -> Router<Sandbox> {
         .route("/_sandbox/faults", post(crate::faults::inject))
         .route("/_sandbox/apps", post(add_app))
         .route("/_sandbox/callback-status", post(set_callback_status))
+        .route("/_sandbox/subscriptions", post(grant_subscription))
         .route("/_sandbox/callbacks", get(list_callbacks))
         .route("/_sandbox/tokens/invalidate", post(invalidate_tokens))
         .route("/_sandbox/tokens/expire", post(expire_tokens))
@@ -82,6 +83,28 @@ async fn set_callback_status(
 }
 
 /// `GET /_sandbox/callbacks`
+#[derive(Deserialize)]
+struct Grant {
+    appid: String,
+    openid: String,
+    template_id: String,
+    #[serde(default = "one")]
+    times: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// The user accepts `times` subscribe messages of the template (WeChat's subscription dialog).
+async fn grant_subscription(
+    State(sandbox): State<Sandbox>,
+    Json(grant): Json<Grant>,
+) -> StatusCode {
+    sandbox.grant_subscription(&grant.appid, &grant.openid, &grant.template_id, grant.times);
+    StatusCode::NO_CONTENT
+}
+
 async fn list_callbacks(State(sandbox): State<Sandbox>) -> Json<Vec<CallbackAttempt>> {
     Json(sandbox.callbacks())
 }

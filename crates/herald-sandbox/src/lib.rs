@@ -12,6 +12,7 @@ mod config;
 mod control;
 mod faults;
 mod log;
+mod subscribe;
 mod template;
 mod tokens;
 mod wx_error;
@@ -40,6 +41,10 @@ pub mod paths {
     pub const TOKEN: &str = "/cgi-bin/token";
     pub const STABLE_TOKEN: &str = "/cgi-bin/stable_token";
     pub const TEMPLATE_SEND: &str = "/cgi-bin/message/template/send";
+    /// Official Account subscribe messages.
+    pub const SUBSCRIBE_BIZSEND: &str = "/cgi-bin/message/subscribe/bizsend";
+    /// Mini program subscribe messages.
+    pub const SUBSCRIBE_SEND: &str = "/cgi-bin/message/subscribe/send";
 }
 
 /// The sandbox: cheap to clone, all clones share one state.
@@ -64,6 +69,7 @@ struct State {
     apps: BTreeMap<String, SandboxApp>,
     tokens: tokens::TokenStore,
     sends: template::SendStore,
+    consents: subscribe::Consents,
     /// Per path: errcodes to answer before behaving normally again.
     injected: HashMap<String, VecDeque<i64>>,
     /// TEMPLATESENDJOBFINISH status per openid; absent means "success".
@@ -113,6 +119,8 @@ impl Sandbox {
             .route(paths::TOKEN, get(tokens::token))
             .route(paths::STABLE_TOKEN, post(tokens::stable_token))
             .route(paths::TEMPLATE_SEND, post(template::send))
+            .route(paths::SUBSCRIBE_BIZSEND, post(subscribe::bizsend))
+            .route(paths::SUBSCRIBE_SEND, post(subscribe::miniprogram_send))
             .fallback(log::not_found)
             .layer(axum::middleware::from_fn_with_state(
                 self.clone(),

@@ -12,7 +12,7 @@ use chrono::{DateTime, TimeDelta, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
-use crate::callbacks::{self, CallbackJob};
+use crate::callbacks::{self, CallbackEvent, CallbackJob};
 use crate::wx_error::{
     ACCESS_TOKEN_MISSING, ARGUMENT_INVALID, DATA_FORMAT_ERROR, INVALID_OPENID, INVALID_TEMPLATE_ID,
     WxError,
@@ -99,7 +99,7 @@ impl Sandbox {
 
 impl SendStore {
     /// The msgid for this send, and whether it is a duplicate of an earlier one.
-    fn accept(
+    pub(crate) fn accept(
         &mut self,
         appid: &str,
         openid: &str,
@@ -207,6 +207,7 @@ pub(crate) async fn send(
                         openid: request.touser,
                         msgid,
                         status,
+                        event: CallbackEvent::TemplateSendJobFinish,
                     },
                 );
             }
@@ -283,7 +284,7 @@ fn check_data(data: &Map<String, Value>, declared: &[String]) -> Result<(), WxEr
 }
 
 /// Real openids are 28 chars of [A-Za-z0-9_-]; accept 20..=40 to leave room for test fixtures.
-fn is_openid(openid: &str) -> bool {
+pub(crate) fn is_openid(openid: &str) -> bool {
     (20..=40).contains(&openid.len())
         && openid
             .bytes()

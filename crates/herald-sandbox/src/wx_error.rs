@@ -17,6 +17,7 @@ pub const ACCESS_TOKEN_MISSING: i64 = 41001;
 pub const APPID_MISSING: i64 = 41002;
 pub const APPSECRET_MISSING: i64 = 41004;
 pub const ACCESS_TOKEN_EXPIRED: i64 = 42001;
+pub const SUBSCRIPTION_REFUSED: i64 = 43101;
 pub const DAILY_QUOTA: i64 = 45009;
 pub const MINUTE_QUOTA: i64 = 45011;
 pub const DATA_FORMAT_ERROR: i64 = 47001;
@@ -40,7 +41,7 @@ pub fn errmsg(code: i64) -> &'static str {
         APPSECRET_MISSING => "appsecret missing",
         ACCESS_TOKEN_EXPIRED => "access_token expired",
         43004 => "require subscribe",
-        43101 => "user refuse to accept the msg",
+        SUBSCRIPTION_REFUSED => "user refuse to accept the msg",
         DAILY_QUOTA => "reach max api daily quota limit",
         MINUTE_QUOTA => "api minute-quota reach limit mustslower retry next minute",
         DATA_FORMAT_ERROR => "data format error",

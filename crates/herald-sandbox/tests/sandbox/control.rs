@@ -28,6 +28,7 @@ async fn control_routes_drive_the_sandbox_over_http() {
             template_id: "tmpl_other".into(),
             keys: vec!["name".into()],
         }],
+        subscribe_templates: vec![],
     };
     let status = sb
         .http
