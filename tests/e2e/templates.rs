@@ -59,8 +59,19 @@ async fn publish(env: &TestEnv, id: &str, version: i64) {
 
 /// POSTs a message for `template` (pinned to `version` unless 0) to `to`; its id.
 async fn send(env: &TestEnv, template: &str, version: u32, variables: Value, to: &str) -> String {
+    send_in(env, template, version, "", variables, to).await
+}
+
+async fn send_in(
+    env: &TestEnv,
+    template: &str,
+    version: u32,
+    locale: &str,
+    variables: Value,
+    to: &str,
+) -> String {
     let request = json!({
-        "template": {"id": template, "version": version},
+        "template": {"id": template, "version": version, "locale": locale},
         "variables": variables,
         "recipients": [{"wechatOpenid": to}],
         "channels": ["wechat.template"],
@@ -93,6 +104,13 @@ channels:
     data:
       status: {value: "v1 {{ code }}", color: "#173177"}
       order: {value: "{{ order_id }}"}
+locales:
+  zh:
+    wechat.template:
+      template_ids: {demo-oa: tmpl_notice}
+      data:
+        status: {value: "已发货 {{ code }}"}
+        order: {value: "{{ order_id }}"}
 "##;
 
 #[tokio::test]
@@ -129,6 +147,24 @@ async fn a_yaml_template_is_sent_exactly_as_rendered() {
             "client_msg_id": client_msg_id,
         })
     );
+
+    // A locale picks its variant (zh_CN falls back to zh).
+    let to = openid(3);
+    let id = send_in(
+        &env,
+        "notice",
+        0,
+        "zh_CN",
+        json!({"order_id": "A-2", "code": "Z9"}),
+        &to,
+    )
+    .await;
+    let body = sent_body(&mut env, &id, &to).await;
+    assert_eq!(
+        body["data"],
+        json!({"status": {"value": "已发货 Z9"}, "order": {"value": "A-2"}})
+    );
+    assert!(body.get("url").is_none(), "the zh variant has no url");
     env.stop().await;
 }
 

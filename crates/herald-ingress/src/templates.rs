@@ -2,7 +2,7 @@
 //! get with every version, publish (move the pointer, announced to the renderers), preview
 //! (render every channel from sample data).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::Json;
@@ -148,7 +148,7 @@ async fn publish(
     let outbox = OutboxMessage {
         exchange: state.broker.topology().control_exchange(),
         routing_key: ControlMessage::ROUTING_KEY.into(),
-        headers: BTreeMap::new(),
+        headers: herald_telemetry::trace_headers().into_iter().collect(),
         body: serde_json::to_vec(&announcement).unwrap_or_default(),
         // No renderer running is fine: a renderer that starts later has nothing cached.
         routing: herald_amqp::Routing::Optional,
