@@ -250,10 +250,25 @@ impl Store {
             tx.commit().await?;
             return Ok(from);
         }
+        let msgid = match outcome {
+            Outcome::Sent { provider_msgid } => {
+                // Serialises with a callback for this msgid (see msgid_lock_key); taken before
+                // the message row is locked, to hold that lock as briefly as possible.
+                tx.execute(
+                    "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
+                    &[&msgid_lock_key(&account, provider_msgid)],
+                )
+                .await?;
+                Some(provider_msgid.as_str())
+            }
+            _ => None,
+        };
         tx.execute(
             "UPDATE deliveries SET state = $2, last_error_code = COALESCE($3, last_error_code),
-                last_error = COALESCE($4, last_error), updated_at = now() WHERE id = $1",
-            &[&id, &to.name(), &code, &message],
+                last_error = COALESCE($4, last_error),
+                provider_msgid = COALESCE($5, provider_msgid), updated_at = now()
+             WHERE id = $1",
+            &[&id, &to.name(), &code, &message, &msgid],
         )
         .await?;
         self.record_change(
@@ -271,23 +286,13 @@ impl Store {
         )
         .await?;
         let mut state = to;
-        if let Outcome::Sent { provider_msgid } = outcome {
-            tx.execute(
-                "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
-                &[&msgid_lock_key(&account, provider_msgid)],
-            )
-            .await?;
-            tx.execute(
-                "UPDATE deliveries SET provider_msgid = $2 WHERE id = $1",
-                &[&id, provider_msgid],
-            )
-            .await?;
+        if let Some(provider_msgid) = msgid {
             let pending = tx
                 .query(
                     "DELETE FROM pending_provider_events
                      WHERE provider_account = $1 AND provider_msgid = $2
                      RETURNING event",
-                    &[&account, provider_msgid],
+                    &[&account, &provider_msgid],
                 )
                 .await?;
             for event in pending {
