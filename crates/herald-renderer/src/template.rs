@@ -111,6 +111,9 @@ impl RenderError {
     }
 }
 
+/// The instructions one template string may execute.
+const RENDER_FUEL: u64 = 100_000;
+
 /// minijinja's global functions, which templates may call without declaring them.
 const BUILTINS: &[&str] = &["range", "dict", "namespace", "debug"];
 
@@ -380,6 +383,9 @@ impl CompiledTemplate {
         let mut env = Environment::new();
         env.set_undefined_behavior(UndefinedBehavior::Strict);
         env.set_auto_escape_callback(auto_escape);
+        // A runaway loop in a tenant's template fails its render instead of holding a
+        // renderer thread; real templates use a few hundred instructions.
+        env.set_fuel(Some(RENDER_FUEL));
         for (scope, variants) in definition.scopes() {
             for (channel, variant) in variants.iter() {
                 variant.check().map_err(|(path, message)| {

@@ -508,3 +508,13 @@ channels:
         RenderError::new("variables.order", "must be an object")
     );
 }
+
+#[test]
+fn a_runaway_template_is_refused_at_publish() {
+    let err = with_variant(
+        "  feishu: {msg_type: text, text: \"{% for i in range(10000) %}{% for j in range(10000) %}x{% endfor %}{% endfor %}\"}\n",
+    )
+    .expect_err("out of fuel");
+    assert_eq!(err.field, "channels.feishu.text");
+    assert!(err.message.contains("fuel"), "{err}");
+}
