@@ -416,11 +416,31 @@ async fn heraldctl_templates_apply_twice_creates_nothing_the_second_time() {
             .get::<_, i64>(0)
     };
     let before = versions().await;
+    // A dry run says what would change, and changes nothing.
+    let planned = templates::apply(
+        &env.http,
+        &env.stack.ingress_url,
+        demo::API_KEY,
+        &examples_dir(),
+        true,
+    )
+    .await
+    .expect("dry run");
+    for applied in &planned {
+        let expected = if applied.id == demo::TEMPLATE {
+            Outcome::Unchanged { version: 1 }
+        } else {
+            Outcome::WouldCreate
+        };
+        assert_eq!(applied.outcome, expected, "{}", applied.path.display());
+    }
+    assert_eq!(versions().await, before, "a dry run stores nothing");
     let first = templates::apply(
         &env.http,
         &env.stack.ingress_url,
         demo::API_KEY,
         &examples_dir(),
+        false,
     )
     .await
     .expect("first apply");
@@ -445,6 +465,7 @@ async fn heraldctl_templates_apply_twice_creates_nothing_the_second_time() {
         &env.stack.ingress_url,
         demo::API_KEY,
         &examples_dir(),
+        false,
     )
     .await
     .expect("second apply");
@@ -473,9 +494,15 @@ async fn heraldctl_templates_apply_twice_creates_nothing_the_second_time() {
         "id: b\nchannels: {feishu: {msg_type: txt, text: hi}}\n",
     )
     .expect("write");
-    let err = templates::apply(&env.http, &env.stack.ingress_url, demo::API_KEY, &dir)
-        .await
-        .expect_err("b.yaml is invalid");
+    let err = templates::apply(
+        &env.http,
+        &env.stack.ingress_url,
+        demo::API_KEY,
+        &dir,
+        false,
+    )
+    .await
+    .expect_err("b.yaml is invalid");
     let message = err.to_string();
     assert!(
         message.contains("b.yaml") && message.contains("channels.feishu.msg_type"),

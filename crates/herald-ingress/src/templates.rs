@@ -8,8 +8,8 @@ use std::sync::Arc;
 use axum::Json;
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, State};
+use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -51,19 +51,32 @@ fn decode<T: for<'de> Deserialize<'de> + Default>(body: &[u8]) -> Result<T, ApiE
     herald_contract::decode_json(body).map_err(|e| ApiError::field(e.field, e.message))
 }
 
+#[derive(Debug, Default, Deserialize)]
+struct CreateParams {
+    /// Validate and preview only; store nothing.
+    #[serde(default)]
+    dry_run: bool,
+}
+
 /// `POST /v1/templates`: validates the definition and stores it as a new version (not yet
 /// published). A definition equal to the latest version stores nothing (`200`, `created:
-/// false`), which is what makes `heraldctl templates apply` idempotent.
+/// false`), which is what makes `heraldctl templates apply` idempotent. With `?dry_run=true`
+/// nothing is stored: the answer says whether a version would be created and previews it.
 async fn create(
     State(state): State<Arc<Ingress>>,
     Tenant(tenant): Tenant,
+    params: Result<Query<CreateParams>, QueryRejection>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
+    let Query(params) = params.map_err(|e| ApiError::field("dry_run".into(), e.body_text()))?;
     let body = body_bytes(body)?;
     let text = std::str::from_utf8(&body)
         .map_err(|_| ApiError::field("body".into(), "must be UTF-8 YAML or JSON".into()))?;
     let definition = TemplateDefinition::from_yaml(text).map_err(invalid)?;
     definition.validate().map_err(invalid)?;
+    if params.dry_run {
+        return dry_run(&state, &tenant, definition).await;
+    }
     let created = state
         .store
         .create_template_version(&tenant, &definition.id, &definition.to_json())
@@ -92,6 +105,32 @@ async fn create(
         })),
     )
         .into_response())
+}
+
+async fn dry_run(
+    state: &Ingress,
+    tenant: &str,
+    definition: TemplateDefinition,
+) -> Result<Response, ApiError> {
+    let history = state
+        .store
+        .template_history(tenant, &definition.id)
+        .await
+        .map_err(ApiError::internal)?;
+    let latest = history.as_ref().and_then(|h| h.versions.first());
+    let would_create = latest.is_none_or(|v| v.definition != definition.to_json());
+    let template = CompiledTemplate::compile(definition, 0).map_err(invalid)?;
+    let variables = template.definition.sample_variables();
+    let channels = preview_channels(state, tenant, &template, "", &variables).await?;
+    Ok(Json(json!({
+        "id": template.definition.id,
+        "dry_run": true,
+        "would_create": would_create,
+        "latest_version": latest.map(|v| v.version),
+        "published_version": history.and_then(|h| h.published_version),
+        "channels": channels,
+    }))
+    .into_response())
 }
 
 /// `GET /v1/templates`.
@@ -210,18 +249,37 @@ async fn preview(
         .map_err(invalid)?;
     let mut variables = template.definition.sample_variables();
     variables.extend(body.variables);
+    let channels = preview_channels(&state, &tenant, &template, &body.locale, &variables).await?;
+    Ok(Json(json!({
+        "id": id,
+        "version": record.version,
+        "locale": body.locale,
+        "variables": variables,
+        "channels": channels,
+    }))
+    .into_response())
+}
+
+/// Every channel's payload, or its error.
+async fn preview_channels(
+    state: &Ingress,
+    tenant: &str,
+    template: &CompiledTemplate,
+    locale: &str,
+    variables: &Map<String, Value>,
+) -> Result<Map<String, Value>, ApiError> {
     // The tenant's default account per channel picks the provider template id, if the
     // variant has one for it; else the variant's first account.
     let mut defaults = HashMap::new();
     for channel in template.definition.channel_names() {
         let account = state
             .store
-            .default_provider_account(&tenant, channel)
+            .default_provider_account(tenant, channel)
             .await
             .map_err(ApiError::internal)?;
         defaults.insert(channel, account);
     }
-    let rendered = template.preview(&body.locale, &variables, |channel, accounts| {
+    let rendered = template.preview(locale, variables, |channel, accounts| {
         defaults
             .get(channel)
             .cloned()
@@ -240,12 +298,5 @@ async fn preview(
             (channel.to_string(), value)
         })
         .collect();
-    Ok(Json(json!({
-        "id": id,
-        "version": record.version,
-        "locale": body.locale,
-        "variables": variables,
-        "channels": channels,
-    }))
-    .into_response())
+    Ok(channels)
 }

@@ -83,6 +83,9 @@ enum TemplatesCommand {
         /// The tenant's API key (default: the demo tenant's).
         #[arg(long, env = "HERALD_API_KEY", default_value = demo::API_KEY, hide_default_value = true)]
         api_key: String,
+        /// Only validate and say what would change.
+        #[arg(long)]
+        dry_run: bool,
     },
 }
 
@@ -202,10 +205,17 @@ async fn main() -> anyhow::Result<()> {
         Command::Dlq { command } => dlq_command(config, command).await,
         Command::Recipients { command } => heraldctl::recipients::run(&config, command).await,
         Command::Templates {
-            command: TemplatesCommand::Apply { dir, url, api_key },
+            command:
+                TemplatesCommand::Apply {
+                    dir,
+                    url,
+                    api_key,
+                    dry_run,
+                },
         } => {
             let url = url.unwrap_or_else(|| format!("http://{}", config.ingress.listen));
-            let applied = templates::apply(&reqwest::Client::new(), &url, &api_key, &dir).await?;
+            let applied =
+                templates::apply(&reqwest::Client::new(), &url, &api_key, &dir, dry_run).await?;
             for a in applied {
                 let what = match a.outcome {
                     templates::Outcome::Unchanged { version } => {
@@ -219,6 +229,10 @@ async fn main() -> anyhow::Result<()> {
                         version,
                         created: false,
                     } => format!("published version {version}"),
+                    templates::Outcome::WouldCreate => "would create and publish a version".into(),
+                    templates::Outcome::WouldPublish { version } => {
+                        format!("would publish version {version}")
+                    }
                 };
                 println!("{:24} {what}  ({})", a.id, a.path.display());
             }

@@ -35,6 +35,10 @@ pub enum Outcome {
     Unchanged { version: i32 },
     /// `version` is now published; `created` when this run stored it.
     Published { version: i32, created: bool },
+    /// Dry run: applying would store a new version and publish it.
+    WouldCreate,
+    /// Dry run: applying would publish `version`, which already holds this definition.
+    WouldPublish { version: i32 },
 }
 
 #[derive(Debug, Clone)]
@@ -42,6 +46,13 @@ pub struct Applied {
     pub path: PathBuf,
     pub id: String,
     pub outcome: Outcome,
+}
+
+#[derive(Deserialize)]
+struct DryRun {
+    would_create: bool,
+    latest_version: Option<i32>,
+    published_version: Option<i32>,
 }
 
 #[derive(Deserialize)]
@@ -74,12 +85,14 @@ fn template_files(dir: &Path) -> Result<Vec<PathBuf>, ApplyError> {
     Ok(files)
 }
 
-/// Applies every template file in `dir` to the tenant of `api_key` at the ingress `base_url`.
+/// Applies every template file in `dir` to the tenant of `api_key` at the ingress `base_url`
+/// (with `dry_run`, only says what applying would do).
 pub async fn apply(
     http: &reqwest::Client,
     base_url: &str,
     api_key: &str,
     dir: &Path,
+    dry_run: bool,
 ) -> Result<Vec<Applied>, ApplyError> {
     // Check every file first, so a broken one changes nothing.
     let mut files = Vec::new();
@@ -99,6 +112,30 @@ pub async fn apply(
     let base_url = base_url.trim_end_matches('/');
     let mut applied = Vec::with_capacity(files.len());
     for (path, text, id) in files {
+        if dry_run {
+            let url = format!("{base_url}/v1/templates?dry_run=true");
+            let response = http
+                .post(&url)
+                .bearer_auth(api_key)
+                .header("content-type", "application/yaml")
+                .body(text)
+                .send()
+                .await
+                .map_err(|source| ApplyError::Http {
+                    url: url.clone(),
+                    source,
+                })?;
+            let answer: DryRun = answer(&path, &url, response).await?;
+            let outcome = match (answer.would_create, answer.latest_version) {
+                (false, Some(version)) if answer.published_version == Some(version) => {
+                    Outcome::Unchanged { version }
+                }
+                (false, Some(version)) => Outcome::WouldPublish { version },
+                _ => Outcome::WouldCreate,
+            };
+            applied.push(Applied { path, id, outcome });
+            continue;
+        }
         let url = format!("{base_url}/v1/templates");
         let response = http
             .post(&url)
