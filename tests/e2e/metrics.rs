@@ -1,7 +1,5 @@
 //! `/metrics` speaks Prometheus text and moves when a notification goes through.
 
-use std::time::Duration;
-
 use herald_contract::v1::DeliveryState;
 use herald_e2e::{TestEnv, demo, metric_sample as sample};
 

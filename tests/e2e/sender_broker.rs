@@ -23,6 +23,7 @@ async fn a_cut_broker_connection_loses_nothing_and_sends_nothing_twice() {
                     per_second: 100.0,
                     burst: 1,
                 }),
+                ..Default::default()
             },
         );
     })

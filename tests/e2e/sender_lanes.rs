@@ -21,6 +21,7 @@ async fn an_urgent_job_overtakes_a_bulk_backlog() {
                     per_second: 200.0,
                     burst: 1,
                 }),
+                ..Default::default()
             },
         );
     })

@@ -27,6 +27,7 @@ async fn three_replicas_together_stay_under_the_account_limit() {
                     per_second: PER_SECOND,
                     burst: 1,
                 }),
+                ..Default::default()
             },
         );
     })

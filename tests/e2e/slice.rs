@@ -295,7 +295,10 @@ async fn bad_rest_requests_are_refused_and_nothing_is_published() {
     assert_eq!(wrong_key.status(), 401);
 
     // Over the default 2 MiB body limit.
-    let huge = format!(r#"{{"template":{{"id":"{}"}}}}"#, "x".repeat(3 * 1024 * 1024));
+    let huge = format!(
+        r#"{{"template":{{"id":"{}"}}}}"#,
+        "x".repeat(3 * 1024 * 1024)
+    );
     let too_large = env.post_message(&huge, &[]).await;
     assert_eq!(too_large.status(), 413);
     let error: Value = too_large

@@ -45,8 +45,10 @@ pub const SCHEMA_VERSION: &str = "herald.v1";
 /// Channel names; each is also the routing key on the deliveries exchange.
 pub mod channels {
     pub const WECHAT_TEMPLATE: &str = "wechat.template";
-    /// Every channel this build knows how to route.
-    pub const ALL: &[&str] = &[WECHAT_TEMPLATE];
+    /// Subscribe messages (Official Account `bizsend`, mini program `subscribe/send`).
+    pub const WECHAT_SUBSCRIBE: &str = "wechat.subscribe";
+    /// Every channel this build knows how to route (and sends to).
+    pub const ALL: &[&str] = &[WECHAT_TEMPLATE, WECHAT_SUBSCRIBE];
 }
 
 /// A body that could not be decoded, with the path of the field at fault.

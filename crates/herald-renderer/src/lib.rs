@@ -351,7 +351,7 @@ fn address_for<'a>(
     channel: &str,
 ) -> Option<&'a str> {
     let address = match channel {
-        channels::WECHAT_TEMPLATE => recipient.wechat_openid.as_str(),
+        channels::WECHAT_TEMPLATE | channels::WECHAT_SUBSCRIBE => recipient.wechat_openid.as_str(),
         _ => "",
     };
     (!address.is_empty()).then_some(address)

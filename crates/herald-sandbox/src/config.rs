@@ -84,8 +84,9 @@ impl SandboxApp {
                 keys: vec!["order_id".into(), "carrier".into(), "eta".into()],
             }],
             subscribe_templates: vec![SandboxTemplate {
-                template_id: "tmpl_sub_order_shipped".into(),
-                keys: vec!["character_string1".into(), "thing2".into(), "time3".into()],
+                // As in examples/templates/order_shipped.yaml.
+                template_id: "sub_order_shipped".into(),
+                keys: vec!["character_string1".into(), "thing2".into(), "thing3".into()],
             }],
         }
     }

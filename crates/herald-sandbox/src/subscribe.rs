@@ -281,13 +281,13 @@ mod tests {
                 .unwrap_or_else(|e| e.code)
         };
         let data = json!({"character_string1": {"value": "SO-1"}, "thing2": {"value": "顺丰"},
-            "time3": {"value": "2026-11-23 15:01"}});
+            "thing3": {"value": "Arrives tomorrow"}});
         assert_eq!(code(json!({"template_id": "x"})), INVALID_OPENID);
         assert_eq!(
             code(json!({"touser": openid, "template_id": "x"})),
             INVALID_TEMPLATE_ID
         );
-        let ok = json!({"touser": openid, "template_id": "tmpl_sub_order_shipped",
+        let ok = json!({"touser": openid, "template_id": "sub_order_shipped",
             "page": "pages/order?id=1", "miniprogram_state": "formal", "lang": "zh_CN", "data": data});
         assert_eq!(code(ok.clone()), 0);
         let mut bad = ok.clone();
@@ -299,7 +299,7 @@ mod tests {
         let mut missing = ok;
         missing["data"]
             .as_object_mut()
-            .map(|data| data.remove("time3"));
+            .map(|data| data.remove("thing3"));
         assert_eq!(code(missing), ARGUMENT_INVALID);
     }
 }

@@ -39,6 +39,18 @@ fn one() -> u32 {
 #[serde(default)]
 pub struct AccountSettings {
     pub rate_limit: Option<RateLimit>,
+    /// What the account is at the provider, where the API differs by kind.
+    pub kind: AccountKind,
+}
+
+/// A WeChat account's kind: subscribe messages go through the Official Account's `bizsend` or
+/// the mini program's `subscribe/send`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AccountKind {
+    #[default]
+    OfficialAccount,
+    MiniProgram,
 }
 
 /// What a job gets from the limiter.

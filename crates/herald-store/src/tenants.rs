@@ -107,8 +107,14 @@ impl Store {
         let row = self
             .client()
             .await?
+            // One provider account serves every channel of its provider (a WeChat Official
+            // Account sends template and subscribe messages): the account registered for the
+            // channel itself wins, else the default of a sibling channel (`wechat.*`).
             .query_opt(
-                "SELECT id FROM provider_accounts WHERE tenant_id = $1 AND channel = $2 AND is_default",
+                "SELECT id FROM provider_accounts \
+                 WHERE tenant_id = $1 AND is_default \
+                   AND split_part(channel, '.', 1) = split_part($2, '.', 1) \
+                 ORDER BY channel = $2 DESC, channel LIMIT 1",
                 &[&tenant, &channel],
             )
             .await?;

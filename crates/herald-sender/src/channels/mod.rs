@@ -24,9 +24,15 @@ pub fn build(
     shared: &Shared,
 ) -> Result<Arc<dyn Channel>, String> {
     match name {
-        channels::WECHAT_TEMPLATE => Ok(Arc::new(wechat::WechatTemplate::new(
+        channels::WECHAT_TEMPLATE => Ok(Arc::new(wechat::Wechat::new(
             shared.clone(),
-            settings.wechat_base_url.clone(),
+            settings,
+            wechat::Api::Template,
+        ))),
+        channels::WECHAT_SUBSCRIBE => Ok(Arc::new(wechat::Wechat::new(
+            shared.clone(),
+            settings,
+            wechat::Api::Subscribe,
         ))),
         other => Err(format!("sender.channels: unknown channel `{other}`")),
     }

@@ -1,4 +1,4 @@
-//! WeChat Official Account template messages: the HTTP call and the error-code table.
+//! WeChat template and subscribe messages: the HTTP calls and the error-code table.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -77,24 +77,25 @@ pub enum TransportError {
     Status(u16),
 }
 
-/// Calls `/cgi-bin/message/template/send`.
-pub async fn send_template(
+/// Template messages (`/cgi-bin/message/template/send`).
+pub const TEMPLATE_SEND: &str = "/cgi-bin/message/template/send";
+/// Official Account subscribe messages.
+pub const SUBSCRIBE_BIZSEND: &str = "/cgi-bin/message/subscribe/bizsend";
+/// Mini program subscribe messages.
+pub const SUBSCRIBE_SEND: &str = "/cgi-bin/message/subscribe/send";
+
+/// POSTs `body` to `path` with the token; a non-2xx answer is a transport failure.
+pub async fn call(
     http: &reqwest::Client,
     base_url: &str,
+    path: &str,
     access_token: &str,
-    touser: &str,
-    client_msg_id: &str,
-    payload: &Value,
+    body: &Value,
 ) -> Result<SendAnswer, TransportError> {
-    let mut body = payload.clone();
-    if let Some(object) = body.as_object_mut() {
-        object.insert("touser".into(), Value::String(touser.into()));
-        object.insert("client_msg_id".into(), Value::String(client_msg_id.into()));
-    }
     let mut request = http
-        .post(format!("{base_url}/cgi-bin/message/template/send"))
+        .post(format!("{base_url}{path}"))
         .query(&[("access_token", access_token)])
-        .json(&body);
+        .json(body);
     for (name, value) in herald_telemetry::trace_headers() {
         request = request.header(name, value);
     }
@@ -106,15 +107,71 @@ pub async fn send_template(
     Ok(response.json::<SendAnswer>().await?)
 }
 
-/// The `wechat.template` channel: Official Account template messages.
-pub struct WechatTemplate {
-    shared: super::Shared,
-    base_url: String,
+/// Which kind of WeChat message a channel sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Api {
+    /// `wechat.template`: Official Account template messages.
+    Template,
+    /// `wechat.subscribe`: subscribe messages, through the Official Account's `bizsend` or the
+    /// mini program's `subscribe/send` depending on the sending account's kind.
+    Subscribe,
 }
 
-impl WechatTemplate {
-    pub fn new(shared: super::Shared, base_url: String) -> Self {
-        Self { shared, base_url }
+/// A WeChat channel: template or subscribe messages.
+pub struct Wechat {
+    shared: super::Shared,
+    base_url: String,
+    api: Api,
+    /// Accounts configured as mini programs (the rest are Official Accounts).
+    mini_programs: std::collections::BTreeSet<String>,
+}
+
+impl Wechat {
+    pub fn new(shared: super::Shared, settings: &crate::SenderSettings, api: Api) -> Self {
+        let mini_programs = settings
+            .accounts
+            .iter()
+            .filter(|(_, a)| a.kind == crate::limit::AccountKind::MiniProgram)
+            .map(|(id, _)| id.clone())
+            .collect();
+        Self {
+            shared,
+            base_url: settings.wechat_base_url.clone(),
+            api,
+            mini_programs,
+        }
+    }
+
+    /// The endpoint and body for one send to `touser`.
+    fn request(&self, job: &DeliveryJob, delivery_id: Uuid) -> (&'static str, Value) {
+        let mut body = job
+            .payload
+            .as_ref()
+            .and_then(|p| serde_json::to_value(p).ok())
+            .unwrap_or_default();
+        let path = match self.api {
+            Api::Template => TEMPLATE_SEND,
+            Api::Subscribe if self.mini_programs.contains(&job.provider_account) => SUBSCRIBE_SEND,
+            Api::Subscribe => SUBSCRIBE_BIZSEND,
+        };
+        if let Some(object) = body.as_object_mut() {
+            object.insert("touser".into(), Value::String(job.recipient.clone()));
+            // The delivery id is stable across attempts, so WeChat de-duplicates a template
+            // send whose answer we lost (crash, timeout) within its 10-minute window.
+            // Subscribe messages have no such key: a retry after a lost answer may repeat
+            // one (WeChat's own limit: it uses up another acceptance, or fails with 43101).
+            if self.api == Api::Template {
+                object.insert(
+                    "client_msg_id".into(),
+                    Value::String(delivery_id.simple().to_string()),
+                );
+            }
+            // The mini program API does not take the Official Account's `miniprogram` link.
+            if path == SUBSCRIBE_SEND {
+                object.remove("miniprogram");
+            }
+        }
+        (path, body)
     }
 
     /// One provider call, plus one immediate retry with a fresh token if WeChat rejected ours.
@@ -125,29 +182,23 @@ impl WechatTemplate {
             Ok(token) => token,
             Err(e) => return token_failure(e),
         };
-        let payload = job
-            .payload
-            .as_ref()
-            .and_then(|p| serde_json::to_value(p).ok())
-            .unwrap_or_default();
-        // The delivery id is stable across attempts, so WeChat de-duplicates a send whose
-        // answer we lost (crash, timeout) within its 10-minute window.
-        let client_msg_id = delivery_id.simple().to_string();
+        let (path, body) = self.request(job, delivery_id);
         let mut refreshed = false;
         loop {
             let started = std::time::Instant::now();
-            let answer = send_template(
+            let answer = call(
                 &self.shared.http,
                 &self.base_url,
+                path,
                 &token.access_token,
-                &job.recipient,
-                &client_msg_id,
-                &payload,
+                &body,
             )
             .instrument(tracing::info_span!(
-                "POST /cgi-bin/message/template/send",
+                "POST",
+                otel.name = %format!("POST {path}"),
                 otel.kind = "client",
                 http.request.method = "POST",
+                url.path = path,
                 server.address = %self.base_url,
             ))
             .await;
@@ -156,8 +207,8 @@ impl WechatTemplate {
                 Ok(answer) => answer,
                 Err(e) => {
                     meters::provider_answer("wechat", "transport");
-                    // Timeouts, resets and 5xx: the outcome may be unknown; the retry carries
-                    // the same client_msg_id, so WeChat sends at most once.
+                    // Timeouts, resets and 5xx: the outcome may be unknown; a template retry
+                    // carries the same client_msg_id, so WeChat sends it at most once.
                     return Attempt::Retry {
                         code: "transport".into(),
                         message: e.to_string(),
@@ -218,9 +269,12 @@ impl WechatTemplate {
     }
 }
 
-impl Channel for WechatTemplate {
+impl Channel for Wechat {
     fn name(&self) -> &'static str {
-        herald_contract::channels::WECHAT_TEMPLATE
+        match self.api {
+            Api::Template => herald_contract::channels::WECHAT_TEMPLATE,
+            Api::Subscribe => herald_contract::channels::WECHAT_SUBSCRIBE,
+        }
     }
 
     fn provider(&self) -> &'static str {
