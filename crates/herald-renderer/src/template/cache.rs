@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use herald_store::{Store, StoreError};
+use herald_store::{Store, StoreError, TemplateRecord};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
@@ -69,6 +69,21 @@ impl TemplateCache {
         id: &str,
         version: Option<i32>,
     ) -> Result<Result<Arc<CompiledTemplate>, RenderError>, StoreError> {
+        self.get_or_load(tenant, id, version, || store.template(tenant, id, version))
+            .await
+    }
+
+    async fn get_or_load<F, Fut>(
+        &self,
+        tenant: &str,
+        id: &str,
+        version: Option<i32>,
+        load: F,
+    ) -> Result<Result<Arc<CompiledTemplate>, RenderError>, StoreError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<Option<TemplateRecord>, StoreError>>,
+    {
         let generation = {
             let inner = self.lock();
             let hit = match version {
@@ -87,7 +102,7 @@ impl TemplateCache {
             }
             inner.generation
         };
-        let Some(record) = store.template(tenant, id, version).await? else {
+        let Some(record) = load().await? else {
             return Ok(Err(RenderError::new(
                 "template.id",
                 format!(
@@ -167,5 +182,96 @@ impl TemplateCache {
         let mut inner = self.lock();
         inner.generation += 1;
         inner.published.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use super::*;
+
+    fn record(version: i32) -> TemplateRecord {
+        TemplateRecord {
+            id: "t".into(),
+            version,
+            definition: serde_json::json!({
+                "id": "t",
+                "channels": {"feishu": {"msg_type": "text", "text": format!("v{version}")}}
+            }),
+        }
+    }
+
+    /// Gets `t` through `cache`, loading `version` (and counting loads) on a miss.
+    async fn get(
+        cache: &TemplateCache,
+        pinned: Option<i32>,
+        version: i32,
+        loads: &AtomicUsize,
+    ) -> i32 {
+        cache
+            .get_or_load("tenant", "t", pinned, || async {
+                loads.fetch_add(1, Ordering::SeqCst);
+                Ok(Some(record(version)))
+            })
+            .await
+            .expect("no store error")
+            .expect("compiles")
+            .version
+    }
+
+    #[tokio::test]
+    async fn published_versions_are_cached_until_announced() {
+        let cache = TemplateCache::default();
+        cache.listening.store(true, Ordering::SeqCst);
+        let loads = AtomicUsize::new(0);
+        assert_eq!(get(&cache, None, 1, &loads).await, 1);
+        assert_eq!(get(&cache, None, 2, &loads).await, 1, "cached");
+        assert_eq!(loads.load(Ordering::SeqCst), 1);
+        cache.invalidate("tenant", "t");
+        assert_eq!(
+            get(&cache, None, 2, &loads).await,
+            2,
+            "reloaded after the announcement"
+        );
+        // Another tenant's template of the same id is another entry.
+        cache.invalidate("other", "t");
+        assert_eq!(get(&cache, None, 3, &loads).await, 2);
+    }
+
+    #[tokio::test]
+    async fn nothing_published_is_cached_while_not_listening() {
+        let cache = TemplateCache::default();
+        let loads = AtomicUsize::new(0);
+        get(&cache, None, 1, &loads).await;
+        get(&cache, None, 1, &loads).await;
+        assert_eq!(loads.load(Ordering::SeqCst), 2);
+        // Pinned versions never change, so they are cached anyway.
+        get(&cache, Some(1), 1, &loads).await;
+        get(&cache, Some(1), 1, &loads).await;
+        assert_eq!(loads.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn a_load_that_raced_an_announcement_is_not_cached() {
+        let cache = TemplateCache::default();
+        cache.listening.store(true, Ordering::SeqCst);
+        let version = cache
+            .get_or_load("tenant", "t", None, || async {
+                // The pointer moves while the old version is being read.
+                cache.invalidate("tenant", "t");
+                Ok(Some(record(1)))
+            })
+            .await
+            .expect("no store error")
+            .expect("compiles")
+            .version;
+        assert_eq!(version, 1, "this request renders what it read");
+        let loads = AtomicUsize::new(0);
+        assert_eq!(
+            get(&cache, None, 2, &loads).await,
+            2,
+            "the next one reads again"
+        );
     }
 }
