@@ -337,6 +337,11 @@ fn publish_validation_names_the_field() {
             "html, text",
         ),
         (
+            "  feishu: {msg_type: post, lang: fr_fr, title: t, content: []}\n",
+            "channels.feishu.lang",
+            "zh_cn",
+        ),
+        (
             "  feishu: {msg_type: text, text: \"{{ name \"}\n",
             "channels.feishu.text",
             "syntax",

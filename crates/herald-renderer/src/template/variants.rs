@@ -833,7 +833,17 @@ impl Variant for Feishu {
     fn check(&self) -> Result<(), (String, String)> {
         match self {
             Feishu::Text { text } => required("text", text),
-            Feishu::Post { title, content, .. } => {
+            Feishu::Post {
+                lang,
+                title,
+                content,
+            } => {
+                if !["zh_cn", "en_us", "ja_jp"].contains(&lang.as_str()) {
+                    return Err((
+                        "lang".into(),
+                        format!("`{lang}` is not one of zh_cn, en_us, ja_jp"),
+                    ));
+                }
                 required("title", title)?;
                 for (i, line) in content.iter().enumerate() {
                     for (j, element) in line.iter().enumerate() {
