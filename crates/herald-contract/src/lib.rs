@@ -47,8 +47,12 @@ pub mod channels {
     pub const WECHAT_TEMPLATE: &str = "wechat.template";
     /// Subscribe messages (Official Account `bizsend`, mini program `subscribe/send`).
     pub const WECHAT_SUBSCRIBE: &str = "wechat.subscribe";
+    /// DingTalk custom group robots.
+    pub const DINGTALK: &str = "dingtalk";
+    /// Feishu (Lark) custom group robots.
+    pub const FEISHU: &str = "feishu";
     /// Every channel this build knows how to route (and sends to).
-    pub const ALL: &[&str] = &[WECHAT_TEMPLATE, WECHAT_SUBSCRIBE];
+    pub const ALL: &[&str] = &[WECHAT_TEMPLATE, WECHAT_SUBSCRIBE, DINGTALK, FEISHU];
 }
 
 /// A body that could not be decoded, with the path of the field at fault.

@@ -23,6 +23,8 @@ pub struct SandboxConfig {
     pub callback_attempts: u32,
     /// Pause between callback attempts (shorter than WeChat's, to keep the dev loop quick).
     pub callback_retry_interval_ms: u64,
+    /// DingTalk and Feishu group robots.
+    pub robots: Vec<crate::robots::SandboxRobot>,
 }
 
 impl Default for SandboxConfig {
@@ -37,6 +39,7 @@ impl Default for SandboxConfig {
             callback_timeout_ms: 5000,
             callback_attempts: 3,
             callback_retry_interval_ms: 1000,
+            robots: crate::robots::SandboxRobot::demo(),
         }
     }
 }

@@ -12,6 +12,7 @@ mod config;
 mod control;
 mod faults;
 mod log;
+mod robots;
 mod subscribe;
 mod template;
 mod tokens;
@@ -30,6 +31,7 @@ pub use callbacks::CallbackAttempt;
 pub use config::{CallbackMode, SandboxApp, SandboxConfig, SandboxTemplate};
 pub use faults::Fault;
 pub use log::LoggedRequest;
+pub use robots::{RobotKind, RobotMessage, SandboxRobot};
 pub use template::AcceptedSend;
 pub use tokens::TokenCalls;
 
@@ -45,6 +47,10 @@ pub mod paths {
     pub const SUBSCRIBE_BIZSEND: &str = "/cgi-bin/message/subscribe/bizsend";
     /// Mini program subscribe messages.
     pub const SUBSCRIBE_SEND: &str = "/cgi-bin/message/subscribe/send";
+    /// DingTalk custom robots (`?access_token=&timestamp=&sign=`).
+    pub const DINGTALK_ROBOT: &str = "/robot/send";
+    /// Feishu custom robots; the hook's token follows.
+    pub const FEISHU_ROBOT: &str = "/open-apis/bot/v2/hook";
 }
 
 /// The sandbox: cheap to clone, all clones share one state.
@@ -70,6 +76,9 @@ struct State {
     tokens: tokens::TokenStore,
     sends: template::SendStore,
     consents: subscribe::Consents,
+    /// Robots by token.
+    robot_configs: HashMap<String, robots::SandboxRobot>,
+    robots: robots::RobotState,
     /// Per path: errcodes to answer before behaving normally again.
     injected: HashMap<String, VecDeque<i64>>,
     /// TEMPLATESENDJOBFINISH status per openid; absent means "success".
@@ -85,6 +94,11 @@ const MAX_CALLBACKS: usize = 10_000;
 
 impl Sandbox {
     pub fn new(config: SandboxConfig) -> Self {
+        let robot_configs = config
+            .robots
+            .iter()
+            .map(|robot| (robot.token.clone(), robot.clone()))
+            .collect();
         let apps = config
             .apps
             .iter()
@@ -105,6 +119,7 @@ impl Sandbox {
                 http,
                 state: Mutex::new(State {
                     apps,
+                    robot_configs,
                     ..State::default()
                 }),
                 requests_changed: watch::Sender::new(0),
@@ -121,6 +136,11 @@ impl Sandbox {
             .route(paths::TEMPLATE_SEND, post(template::send))
             .route(paths::SUBSCRIBE_BIZSEND, post(subscribe::bizsend))
             .route(paths::SUBSCRIBE_SEND, post(subscribe::miniprogram_send))
+            .route(paths::DINGTALK_ROBOT, post(robots::dingtalk))
+            .route(
+                &format!("{}/{{token}}", paths::FEISHU_ROBOT),
+                post(robots::feishu),
+            )
             .fallback(log::not_found)
             .layer(axum::middleware::from_fn_with_state(
                 self.clone(),

@@ -16,6 +16,10 @@ pub trait Channel: Send + Sync {
     fn name(&self) -> &'static str;
     /// The provider, for metrics and breaker labels (`wechat`, `wecom`, ...).
     fn provider(&self) -> &'static str;
+    /// The provider's own per-account limit, used when configuration sets none.
+    fn default_rate_limit(&self) -> Option<crate::limit::RateLimit> {
+        None
+    }
     /// One delivery attempt: the provider call (plus whatever immediate re-try the protocol
     /// calls for, like a fresh token), classified.
     fn send<'a>(

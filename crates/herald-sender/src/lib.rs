@@ -115,6 +115,8 @@ pub struct SenderSettings {
     pub connect_timeout_ms: u64,
     /// The per-account circuit breaker.
     pub breaker: BreakerSettings,
+    /// DingTalk and Feishu group robots, by provider account id.
+    pub robots: BTreeMap<String, channels::robots::RobotSettings>,
 }
 
 impl Default for SenderSettings {
@@ -140,6 +142,7 @@ impl Default for SenderSettings {
             request_timeout_ms: 10_000,
             connect_timeout_ms: 5_000,
             breaker: BreakerSettings::default(),
+            robots: BTreeMap::new(),
         }
     }
 }
@@ -494,7 +497,7 @@ impl Sender {
 
         // A slot under the account's rate limit, before anything is claimed.
         let asked = tokio::time::Instant::now();
-        let slot = match self.rate_limit(account, policy) {
+        let slot = match self.rate_limit(account, policy, channel.as_ref()) {
             Some(limit) => self.shared.limiter.reserve(account, limit).await,
             None => Slot::At(tokio::time::Instant::now()),
         };
@@ -531,7 +534,7 @@ impl Sender {
         // The claim happened while waiting for the slot; now wait out the rest. A job that
         // reaches its slot late (a slow claim, a busy runtime) takes a new one rather than
         // crowding the sends after it.
-        if let Some(limit) = self.rate_limit(account, policy) {
+        if let Some(limit) = self.rate_limit(account, policy, channel.as_ref()) {
             self.wait_for_slot(&lane.channel, account, limit, send_at)
                 .await;
             meters::rate_limit_wait(account, asked.elapsed());
@@ -690,14 +693,21 @@ impl Sender {
         }
     }
 
-    /// The account's rate limit: its own, else its channel's default.
-    fn rate_limit(&self, account: &str, policy: &Policy) -> Option<RateLimit> {
+    /// The account's rate limit: its own, else its channel's configured default, else the
+    /// provider's documented one.
+    fn rate_limit(
+        &self,
+        account: &str,
+        policy: &Policy,
+        channel: &dyn Channel,
+    ) -> Option<RateLimit> {
         self.shared
             .settings
             .accounts
             .get(account)
             .and_then(|a| a.rate_limit)
             .or(policy.rate_limit)
+            .or_else(|| channel.default_rate_limit())
     }
 
     async fn created_at(&self, delivery_id: Uuid) -> Result<DateTime<Utc>, Disposition> {

@@ -1,5 +1,6 @@
 //! Every channel the sender can serve, each in its module.
 
+pub mod robots;
 pub mod wechat;
 
 use std::sync::Arc;
@@ -33,6 +34,16 @@ pub fn build(
             shared.clone(),
             settings,
             wechat::Api::Subscribe,
+        ))),
+        channels::DINGTALK => Ok(Arc::new(robots::Robots::new(
+            shared.http.clone(),
+            robots::Kind::Dingtalk,
+            settings.robots.clone(),
+        ))),
+        channels::FEISHU => Ok(Arc::new(robots::Robots::new(
+            shared.http.clone(),
+            robots::Kind::Feishu,
+            settings.robots.clone(),
         ))),
         other => Err(format!("sender.channels: unknown channel `{other}`")),
     }
