@@ -3,8 +3,8 @@
 //! suppression or deferral recorded with its reason.
 
 use chrono::{DateTime, Duration, NaiveTime, TimeZone, Utc};
-use herald_contract::v1::{DeliveryState, Priority, Recipient};
 use herald_contract::encode_json;
+use herald_contract::v1::{DeliveryState, Priority, Recipient};
 use herald_e2e::{TestEnv, demo, openid};
 use serde_json::{Value, json};
 
@@ -122,7 +122,12 @@ async fn directory_users_are_resolved_managed_and_opted_out() {
     assert!(env.sends_to(&openid(11)).is_empty() && env.sends_to(&openid(12)).is_empty());
 
     // Tenant default: everyone opted out of `order`, but a recipient's own list overrides it.
-    put(&env, "/v1/preferences", json!({"opt_out_categories": ["order"]})).await;
+    put(
+        &env,
+        "/v1/preferences",
+        json!({"opt_out_categories": ["order"]}),
+    )
+    .await;
     let id = send_to(&env, direct(&openid(13)), "D-5", Priority::Normal).await;
     assert_eq!(
         env.wait_for_status(&id, DeliveryState::Suppressed)
@@ -141,9 +146,20 @@ async fn directory_users_are_resolved_managed_and_opted_out() {
     env.wait_for_status(&id, DeliveryState::Sent).await;
 
     // Read, list, delete.
-    let alice_view: Value = get(&env, "/v1/recipients/alice").await.json().await.expect("JSON");
-    assert_eq!(alice_view["addresses"]["wechat_openids"][demo::APPID], alice);
-    let page: Value = get(&env, "/v1/recipients?limit=2").await.json().await.expect("JSON");
+    let alice_view: Value = get(&env, "/v1/recipients/alice")
+        .await
+        .json()
+        .await
+        .expect("JSON");
+    assert_eq!(
+        alice_view["addresses"]["wechat_openids"][demo::APPID],
+        alice
+    );
+    let page: Value = get(&env, "/v1/recipients?limit=2")
+        .await
+        .json()
+        .await
+        .expect("JSON");
     assert_eq!(page["recipients"][0]["user_id"], "alice");
     assert_eq!(page["next_after"], "carol");
     let deleted = env
@@ -165,7 +181,9 @@ fn late_evening_in_shanghai() -> (DateTime<Utc>, DateTime<Utc>) {
     let tomorrow = Utc::now().with_timezone(&shanghai).date_naive() + Duration::days(1);
     let at = |date: chrono::NaiveDate, h| {
         shanghai
-            .from_local_datetime(&date.and_time(NaiveTime::from_hms_opt(h, 0, 0).unwrap_or_default()))
+            .from_local_datetime(
+                &date.and_time(NaiveTime::from_hms_opt(h, 0, 0).unwrap_or_default()),
+            )
             .single()
             .map(|d| d.with_timezone(&Utc))
             .unwrap_or_default()
