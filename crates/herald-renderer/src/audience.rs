@@ -4,7 +4,6 @@
 
 use std::collections::BTreeMap;
 
-use herald_contract::channels;
 use herald_contract::v1::Recipient;
 use herald_store::{RecipientProfile, Store, StoreError};
 
@@ -27,7 +26,8 @@ pub enum Target {
     },
 }
 
-/// The WeChat account the tenant sends from, and its appid (directory openids are per appid).
+/// The WeChat account a request sends from, and its appid (directory openids are per appid:
+/// an openid is only valid for the account that issued it).
 #[derive(Debug, Clone, Default)]
 pub struct WechatAccount {
     pub account: Option<String>,
@@ -35,10 +35,18 @@ pub struct WechatAccount {
 }
 
 impl WechatAccount {
-    pub async fn of(store: &Store, tenant: &str) -> Result<Self, StoreError> {
-        let account = store
-            .default_provider_account(tenant, channels::WECHAT_TEMPLATE)
-            .await?;
+    /// The tenant's default account for the first of `wanted` that is addressed by openid
+    /// (`wechat.template`, `wechat.subscribe`).
+    pub async fn of(
+        store: &Store,
+        tenant: &str,
+        wanted: &[String],
+        uses_openid: impl Fn(&str) -> bool,
+    ) -> Result<Self, StoreError> {
+        let Some(channel) = wanted.iter().find(|c| uses_openid(c)) else {
+            return Ok(Self::default());
+        };
+        let account = store.default_provider_account(tenant, channel).await?;
         let app_id = match &account {
             Some(account) => store.provider_account_app_id(account).await?,
             None => None,

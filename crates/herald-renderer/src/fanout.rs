@@ -88,10 +88,31 @@ impl Renderer {
             tracing::info!(%error, "message expired");
             return Ok(());
         }
-        let wanted: Vec<String> = if request.channels.is_empty() {
-            channels::ALL.iter().map(|c| c.to_string()).collect()
-        } else {
-            request.channels.clone()
+        // The template (cached; plan() names any problem with it) gives the category that
+        // preferences are keyed on, and the channels when the request names none.
+        let compiled = match request.template.as_ref() {
+            Some(t) => {
+                let version = (t.version > 0).then(|| i32::try_from(t.version).unwrap_or(i32::MAX));
+                self.templates
+                    .get(&self.store, tenant, &t.id, version)
+                    .await?
+                    .ok()
+            }
+            None => None,
+        };
+        let category = compiled
+            .as_ref()
+            .map(|t| t.definition.category.clone())
+            .unwrap_or_default();
+        let wanted: Vec<String> = match (&compiled, request.channels.is_empty()) {
+            (_, false) => request.channels.clone(),
+            (Some(t), true) => t
+                .definition
+                .channel_names()
+                .into_iter()
+                .map(String::from)
+                .collect(),
+            (None, true) => channels::ALL.iter().map(|c| c.to_string()).collect(),
         };
         let reachable = |r: &Recipient| {
             wanted
@@ -117,17 +138,6 @@ impl Renderer {
             .map(|t| t.id.clone())
             .unwrap_or_default();
         // Read defensively from the stored definition: an optional string.
-        let category = match request.template.as_ref() {
-            Some(t) => {
-                let version = (t.version > 0).then(|| i32::try_from(t.version).unwrap_or(i32::MAX));
-                self.store
-                    .template(tenant, &t.id, version)
-                    .await?
-                    .and_then(|stored| stored.definition["category"].as_str().map(str::to_string))
-                    .unwrap_or_default()
-            }
-            None => String::new(),
-        };
         let context = Context {
             record,
             request,
@@ -139,7 +149,14 @@ impl Renderer {
             tenant_preferences: self.store.tenant_preferences(tenant).await?,
             wanted,
         };
-        let wechat = WechatAccount::of(&self.store, tenant).await?;
+        let with_openid = Recipient {
+            wechat_openid: "-".into(),
+            ..Default::default()
+        };
+        let wechat = WechatAccount::of(&self.store, tenant, &context.wanted, |channel| {
+            address_for(&with_openid, channel).is_some()
+        })
+        .await?;
         let batch = self.settings.fanout_batch.max(1);
         let mut created = 0;
         let mut start = progress.done.min(total);
