@@ -152,7 +152,8 @@ pub struct RecipientProfile {
     pub timezone: Option<String>,
     pub addresses: Addresses,
     pub preferences: Preferences,
-    #[serde(skip_deserializing, skip_serializing_if = "Option::is_none")]
+    /// Set by the store; accepted and ignored in a body, so what `GET` shows can be `PUT` back.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub updated_at: Option<DateTime<Utc>>,
 }
 
