@@ -47,12 +47,14 @@ pub mod channels {
     pub const WECHAT_TEMPLATE: &str = "wechat.template";
     /// Subscribe messages (Official Account `bizsend`, mini program `subscribe/send`).
     pub const WECHAT_SUBSCRIBE: &str = "wechat.subscribe";
+    /// WeCom (企业微信) application messages.
+    pub const WECOM: &str = "wecom";
     /// DingTalk custom group robots.
     pub const DINGTALK: &str = "dingtalk";
     /// Feishu (Lark) custom group robots.
     pub const FEISHU: &str = "feishu";
     /// Every channel this build knows how to route (and sends to).
-    pub const ALL: &[&str] = &[WECHAT_TEMPLATE, WECHAT_SUBSCRIBE, DINGTALK, FEISHU];
+    pub const ALL: &[&str] = &[WECHAT_TEMPLATE, WECHAT_SUBSCRIBE, WECOM, DINGTALK, FEISHU];
 }
 
 /// A body that could not be decoded, with the path of the field at fault.

@@ -25,6 +25,8 @@ pub struct SandboxConfig {
     pub callback_retry_interval_ms: u64,
     /// DingTalk and Feishu group robots.
     pub robots: Vec<crate::robots::SandboxRobot>,
+    /// WeCom organisations and their applications.
+    pub wecom_corps: Vec<crate::wecom::SandboxCorp>,
 }
 
 impl Default for SandboxConfig {
@@ -40,6 +42,7 @@ impl Default for SandboxConfig {
             callback_attempts: 3,
             callback_retry_interval_ms: 1000,
             robots: crate::robots::SandboxRobot::demo(),
+            wecom_corps: vec![crate::wecom::SandboxCorp::demo()],
         }
     }
 }

@@ -16,6 +16,7 @@ mod robots;
 mod subscribe;
 mod template;
 mod tokens;
+mod wecom;
 mod wx_error;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -34,6 +35,7 @@ pub use log::LoggedRequest;
 pub use robots::{RobotKind, RobotMessage, SandboxRobot};
 pub use template::AcceptedSend;
 pub use tokens::TokenCalls;
+pub use wecom::{SandboxAgent, SandboxCorp, WecomMessage};
 
 use clock::Clock;
 use wx_error::WxError;
@@ -51,6 +53,10 @@ pub mod paths {
     pub const DINGTALK_ROBOT: &str = "/robot/send";
     /// Feishu custom robots; the hook's token follows.
     pub const FEISHU_ROBOT: &str = "/open-apis/bot/v2/hook";
+    /// WeCom application tokens.
+    pub const WECOM_GETTOKEN: &str = "/cgi-bin/gettoken";
+    /// WeCom application messages.
+    pub const WECOM_MESSAGE_SEND: &str = "/cgi-bin/message/send";
 }
 
 /// The sandbox: cheap to clone, all clones share one state.
@@ -79,6 +85,9 @@ struct State {
     /// Robots by token.
     robot_configs: HashMap<String, robots::SandboxRobot>,
     robots: robots::RobotState,
+    /// WeCom organisations by corpid.
+    wecom_corps: HashMap<String, wecom::SandboxCorp>,
+    wecom: wecom::WecomState,
     /// Per path: errcodes to answer before behaving normally again.
     injected: HashMap<String, VecDeque<i64>>,
     /// TEMPLATESENDJOBFINISH status per openid; absent means "success".
@@ -94,6 +103,11 @@ const MAX_CALLBACKS: usize = 10_000;
 
 impl Sandbox {
     pub fn new(config: SandboxConfig) -> Self {
+        let wecom_corps = config
+            .wecom_corps
+            .iter()
+            .map(|corp| (corp.corpid.clone(), corp.clone()))
+            .collect();
         let robot_configs = config
             .robots
             .iter()
@@ -120,6 +134,7 @@ impl Sandbox {
                 state: Mutex::new(State {
                     apps,
                     robot_configs,
+                    wecom_corps,
                     ..State::default()
                 }),
                 requests_changed: watch::Sender::new(0),
@@ -137,6 +152,8 @@ impl Sandbox {
             .route(paths::SUBSCRIBE_BIZSEND, post(subscribe::bizsend))
             .route(paths::SUBSCRIBE_SEND, post(subscribe::miniprogram_send))
             .route(paths::DINGTALK_ROBOT, post(robots::dingtalk))
+            .route(paths::WECOM_GETTOKEN, get(wecom::gettoken))
+            .route(paths::WECOM_MESSAGE_SEND, post(wecom::send))
             .route(
                 &format!("{}/{{token}}", paths::FEISHU_ROBOT),
                 post(robots::feishu),

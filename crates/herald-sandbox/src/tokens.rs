@@ -90,9 +90,9 @@ pub(crate) struct TokenStore {
 }
 
 /// A token answer: the token and its `expires_in`.
-struct Issued {
-    token: String,
-    expires_in: i64,
+pub(crate) struct Issued {
+    pub(crate) token: String,
+    pub(crate) expires_in: i64,
 }
 
 impl TokenStore {
@@ -199,7 +199,7 @@ impl TokenStore {
     }
 
     /// `/cgi-bin/stable_token`: the current token while it has at least `reissue_window` left.
-    fn stable(
+    pub(crate) fn stable(
         &mut self,
         appid: &str,
         now: DateTime<Utc>,

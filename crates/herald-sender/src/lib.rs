@@ -109,6 +109,8 @@ pub struct SenderSettings {
     pub drain_timeout_ms: u64,
     /// Base URL of WeChat's API (the sandbox in development).
     pub wechat_base_url: String,
+    /// Base URL of WeCom's API (the sandbox in development).
+    pub wecom_base_url: String,
     /// Bound on one provider call.
     pub request_timeout_ms: u64,
     /// Bound on opening a connection to the provider.
@@ -139,6 +141,7 @@ impl Default for SenderSettings {
             in_flight: LaneInFlight::default(),
             drain_timeout_ms: 30_000,
             wechat_base_url: "http://127.0.0.1:8099".into(),
+            wecom_base_url: "http://127.0.0.1:8099".into(),
             request_timeout_ms: 10_000,
             connect_timeout_ms: 5_000,
             breaker: BreakerSettings::default(),

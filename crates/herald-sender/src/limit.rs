@@ -41,6 +41,8 @@ pub struct AccountSettings {
     pub rate_limit: Option<RateLimit>,
     /// What the account is at the provider, where the API differs by kind.
     pub kind: AccountKind,
+    /// WeCom: the application's `agentid` (its token comes from the token service).
+    pub agent_id: Option<u32>,
 }
 
 /// A WeChat account's kind: subscribe messages go through the Official Account's `bizsend` or

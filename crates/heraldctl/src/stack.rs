@@ -100,6 +100,7 @@ impl Stack {
             account.base_url = sandbox_url.clone();
         }
         config.sender.wechat_base_url = sandbox_url.clone();
+        config.sender.wecom_base_url = sandbox_url.clone();
         config.token_service.url = token_url.clone();
         config.token_service.auth_token = config.token.auth_token.clone();
         for app in &mut config.sandbox.apps {

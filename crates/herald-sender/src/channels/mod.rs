@@ -2,6 +2,7 @@
 
 pub mod robots;
 pub mod wechat;
+pub mod wecom;
 
 use std::sync::Arc;
 
@@ -35,6 +36,7 @@ pub fn build(
             settings,
             wechat::Api::Subscribe,
         ))),
+        channels::WECOM => Ok(Arc::new(wecom::Wecom::new(shared.clone(), settings))),
         channels::DINGTALK => Ok(Arc::new(robots::Robots::new(
             shared.http.clone(),
             robots::Kind::Dingtalk,
