@@ -10,11 +10,12 @@ use serde_json::{Map, Value, json};
 use super::fields::{self, type_of_key};
 use super::{Fields, RenderError};
 
+// The channel names senders route on are the contract's.
 pub const WECHAT_TEMPLATE: &str = herald_contract::channels::WECHAT_TEMPLATE;
-pub const WECHAT_SUBSCRIBE: &str = "wechat.subscribe";
+pub const WECHAT_SUBSCRIBE: &str = herald_contract::channels::WECHAT_SUBSCRIBE;
 pub const WECOM: &str = "wecom";
-pub const DINGTALK: &str = "dingtalk";
-pub const FEISHU: &str = "feishu";
+pub const DINGTALK: &str = herald_contract::channels::DINGTALK;
+pub const FEISHU: &str = herald_contract::channels::FEISHU;
 pub const EMAIL: &str = "email";
 pub const SMS: &str = "sms";
 pub const WEBHOOK: &str = "webhook";
