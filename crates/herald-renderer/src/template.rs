@@ -167,7 +167,9 @@ fn template_name(scope: &str, channel: &str, path: &str) -> String {
 
 /// HTML bodies are auto-escaped; everything else (text, markdown, WeChat values) is not.
 fn auto_escape(name: &str) -> AutoEscape {
-    if name.ends_with("|html") {
+    let mut parts = name.splitn(3, '|');
+    let (_scope, channel, path) = (parts.next(), parts.next(), parts.next());
+    if channel == Some(EMAIL) && path == Some("html") {
         AutoEscape::Html
     } else {
         AutoEscape::None
