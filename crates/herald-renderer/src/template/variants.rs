@@ -13,7 +13,7 @@ use super::{Fields, RenderError};
 // The channel names senders route on are the contract's.
 pub const WECHAT_TEMPLATE: &str = herald_contract::channels::WECHAT_TEMPLATE;
 pub const WECHAT_SUBSCRIBE: &str = herald_contract::channels::WECHAT_SUBSCRIBE;
-pub const WECOM: &str = "wecom";
+pub const WECOM: &str = herald_contract::channels::WECOM;
 pub const DINGTALK: &str = herald_contract::channels::DINGTALK;
 pub const FEISHU: &str = herald_contract::channels::FEISHU;
 pub const EMAIL: &str = "email";
