@@ -35,6 +35,16 @@ async fn an_urgent_job_overtakes_a_bulk_backlog() {
         herald_contract::channels::WECHAT_TEMPLATE,
         herald_amqp::Lane::Bulk,
     );
+    // Jobs and `queued` events leave through the outbox, possibly by different relays: the
+    // last jobs may land a moment after the last event.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while env.queue_depth(&bulk_queue).await < BULK as u32 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "bulk lane never filled"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert_eq!(env.queue_depth(&bulk_queue).await, BULK as u32, "bulk lane");
 
     let worker = env.stack.spawn_sender(|_| {});

@@ -64,16 +64,18 @@ impl Store {
         if messages.is_empty() && jobs.is_empty() {
             return Ok(());
         }
-        let all = messages
+        // Jobs first: rows are relayed in id order, so a producer that sees a delivery's
+        // `queued` event normally finds its job already in the queue.
+        let all = jobs
             .iter()
-            .map(|m| (m, None, None))
-            .chain(jobs.iter().map(|j| {
+            .map(|j| {
                 (
                     &j.message,
                     Some(j.message_id.clone()),
                     Some(i16::from(j.priority)),
                 )
-            }));
+            })
+            .chain(messages.iter().map(|m| (m, None, None)));
         let (
             mut exchanges,
             mut keys,
