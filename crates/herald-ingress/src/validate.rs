@@ -49,6 +49,8 @@ pub fn validate(request: &NotificationRequest) -> Result<(), FieldError> {
             &r.phone,
             &r.wecom_userid,
             &r.webhook_url,
+            &r.dingtalk_robot,
+            &r.feishu_robot,
         ]
         .iter()
         .any(|a| !a.is_empty());

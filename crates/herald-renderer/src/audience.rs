@@ -79,6 +79,8 @@ fn fill(recipient: &mut Recipient, profile: &RecipientProfile, wechat: &WechatAc
     set(&mut recipient.phone, a.phone.clone());
     set(&mut recipient.wecom_userid, a.wecom_userid.clone());
     set(&mut recipient.webhook_url, a.webhook_url.clone());
+    set(&mut recipient.dingtalk_robot, a.dingtalk_robot.clone());
+    set(&mut recipient.feishu_robot, a.feishu_robot.clone());
 }
 
 /// Resolves `recipients` (the batch starting at request index `offset`). `reachable` says

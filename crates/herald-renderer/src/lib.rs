@@ -280,7 +280,7 @@ impl Renderer {
             request.channels.clone()
         };
         let mut planned = Vec::new();
-        // One account look-up per channel, not per recipient.
+        // One account look-up per channel (and per named robot), not per recipient.
         let mut accounts: std::collections::HashMap<String, Option<String>> = Default::default();
         for &(index, recipient) in recipients {
             // The first wanted channel this recipient can be reached on (fallback chains
@@ -296,12 +296,33 @@ impl Renderer {
                     format!("no address for any of the channels [{}]", wanted.join(", ")),
                 )));
             };
-            let account = match accounts.get(channel.as_str()) {
-                Some(account) => account.clone(),
-                None => {
-                    let found = self.store.default_provider_account(tenant, channel).await?;
-                    accounts.insert(channel.clone(), found.clone());
-                    found
+            let account = if is_robot(channel) {
+                // The robot is the recipient and the account: it must be the tenant's own.
+                let robot = address_for(recipient, channel).unwrap_or_default();
+                let key = format!("{channel}:{robot}");
+                let owned = match accounts.get(&key) {
+                    Some(known) => known.is_some(),
+                    None => {
+                        let owned = self.store.is_tenant_account(tenant, robot, channel).await?;
+                        accounts.insert(key, owned.then(|| robot.to_string()));
+                        owned
+                    }
+                };
+                if !owned {
+                    return Ok(Err(RenderError::new(
+                        format!("recipients[{index}].{channel}_robot"),
+                        format!("`{robot}` is not one of this tenant's {channel} robots"),
+                    )));
+                }
+                Some(robot.to_string())
+            } else {
+                match accounts.get(channel.as_str()) {
+                    Some(account) => account.clone(),
+                    None => {
+                        let found = self.store.default_provider_account(tenant, channel).await?;
+                        accounts.insert(channel.clone(), found.clone());
+                        found
+                    }
                 }
             };
             let Some(account) = account else {
@@ -346,12 +367,20 @@ impl Renderer {
     }
 }
 
+/// Group robots: the recipient names the robot, which is also the sending account.
+fn is_robot(channel: &str) -> bool {
+    matches!(channel, channels::DINGTALK | channels::FEISHU)
+}
+
 fn address_for<'a>(
     recipient: &'a herald_contract::v1::Recipient,
     channel: &str,
 ) -> Option<&'a str> {
     let address = match channel {
         channels::WECHAT_TEMPLATE | channels::WECHAT_SUBSCRIBE => recipient.wechat_openid.as_str(),
+        channels::WECOM => recipient.wecom_userid.as_str(),
+        channels::DINGTALK => recipient.dingtalk_robot.as_str(),
+        channels::FEISHU => recipient.feishu_robot.as_str(),
         _ => "",
     };
     (!address.is_empty()).then_some(address)

@@ -98,6 +98,25 @@ impl Store {
         Ok(())
     }
 
+    /// Whether `account` is one of `tenant`'s accounts for `channel` (a robot a request names
+    /// must be the tenant's own).
+    pub async fn is_tenant_account(
+        &self,
+        tenant: &str,
+        account: &str,
+        channel: &str,
+    ) -> Result<bool, StoreError> {
+        let row = self
+            .client()
+            .await?
+            .query_opt(
+                "SELECT 1 FROM provider_accounts WHERE id = $1 AND tenant_id = $2 AND channel = $3",
+                &[&account, &tenant, &channel],
+            )
+            .await?;
+        Ok(row.is_some())
+    }
+
     /// The account a tenant sends from on `channel` when the request names none.
     pub async fn default_provider_account(
         &self,

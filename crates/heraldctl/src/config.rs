@@ -51,6 +51,48 @@ impl HeraldConfig {
                 base_url: "http://127.0.0.1:8099".into(),
                 token_endpoint: herald_token::TokenEndpoint::Stable,
             });
+        self.token
+            .accounts
+            .entry(demo::WECOM_ACCOUNT.to_string())
+            .or_insert_with(|| herald_token::AccountConfig {
+                kind: herald_token::AccountKind::WecomApp,
+                appid: demo::WECOM_CORPID.into(),
+                secret: Some("demo-wecom-secret".into()),
+                agent_id: Some(demo::WECOM_AGENT_ID.to_string()),
+                base_url: "http://127.0.0.1:8099".into(),
+                ..Default::default()
+            });
+        self.sender
+            .accounts
+            .entry(demo::WECOM_ACCOUNT.to_string())
+            .or_default()
+            .agent_id
+            .get_or_insert(demo::WECOM_AGENT_ID);
+        // The sandbox's demo robots (the Stack points them at its own address).
+        for robot in herald_sandbox::SandboxRobot::demo() {
+            let (id, url) = match robot.kind {
+                herald_sandbox::RobotKind::Dingtalk => (
+                    demo::DINGTALK_ROBOT,
+                    format!(
+                        "http://127.0.0.1:8099/robot/send?access_token={}",
+                        robot.token
+                    ),
+                ),
+                herald_sandbox::RobotKind::Feishu => (
+                    demo::FEISHU_ROBOT,
+                    format!(
+                        "http://127.0.0.1:8099/open-apis/bot/v2/hook/{}",
+                        robot.token
+                    ),
+                ),
+            };
+            self.sender.robots.entry(id.to_string()).or_insert(
+                herald_sender::channels::robots::RobotSettings {
+                    url,
+                    secret: robot.secret,
+                },
+            );
+        }
         self.callback
             .wechat
             .entry(demo::ACCOUNT.to_string())

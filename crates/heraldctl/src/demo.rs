@@ -14,6 +14,14 @@ pub const TEMPLATE: &str = "order_shipped";
 pub const WECHAT_TEMPLATE_ID: &str = "tmpl_order_shipped";
 /// 28 characters, like a real openid.
 pub const OPENID: &str = "oDemoUser000000000000000001x";
+/// The demo WeCom application (the sandbox's demo corp, agent 1000002) and a member of it.
+pub const WECOM_ACCOUNT: &str = "demo-wecom";
+pub const WECOM_CORPID: &str = "wwdemo0000000001";
+pub const WECOM_AGENT_ID: u32 = 1_000_002;
+pub const WECOM_USERID: &str = "zhangsan";
+/// The demo group robots (the sandbox's demo robots).
+pub const DINGTALK_ROBOT: &str = "demo-dingtalk";
+pub const FEISHU_ROBOT: &str = "demo-feishu";
 
 /// The `order_shipped` template (`examples/templates/order_shipped.yaml` links to this file).
 pub const TEMPLATE_YAML: &str = include_str!("order_shipped.yaml");
@@ -24,7 +32,7 @@ pub fn template_definition() -> Result<TemplateDefinition, herald_renderer::Rend
 }
 
 /// Seeds the demo tenant (publishing over AMQP as `amqp_user`), its API key, its WeChat
-/// account and the `order_shipped` template. Idempotent.
+/// account, WeCom application and group robots, and the `order_shipped` template. Idempotent.
 pub async fn seed(store: &Store, amqp_user: &str) -> Result<(), herald_store::StoreError> {
     store
         .upsert_tenant(TENANT, "Demo shop", Some(amqp_user))
@@ -40,6 +48,16 @@ pub async fn seed(store: &Store, amqp_user: &str) -> Result<(), herald_store::St
             true,
         )
         .await?;
+    use herald_contract::channels;
+    for (id, kind, channel, app_id) in [
+        (WECOM_ACCOUNT, "wecom_app", channels::WECOM, WECOM_CORPID),
+        (DINGTALK_ROBOT, "dingtalk_robot", channels::DINGTALK, ""),
+        (FEISHU_ROBOT, "feishu_robot", channels::FEISHU, ""),
+    ] {
+        store
+            .upsert_provider_account(id, TENANT, kind, channel, app_id, true)
+            .await?;
+    }
     let definition = template_definition()
         .map_err(|e| herald_store::StoreError::Config(format!("demo template: {e}")))?;
     store

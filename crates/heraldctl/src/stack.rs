@@ -101,6 +101,11 @@ impl Stack {
         }
         config.sender.wechat_base_url = sandbox_url.clone();
         config.sender.wecom_base_url = sandbox_url.clone();
+        for robot in config.sender.robots.values_mut() {
+            if let Some(path) = robot.url.strip_prefix("http://127.0.0.1:8099") {
+                robot.url = format!("{sandbox_url}{path}");
+            }
+        }
         config.token_service.url = token_url.clone();
         config.token_service.auth_token = config.token.auth_token.clone();
         for app in &mut config.sandbox.apps {
