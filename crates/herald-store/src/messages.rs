@@ -68,6 +68,8 @@ pub struct MessageView {
     pub source: String,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    /// Deliveries per state (what the message state is aggregated from).
+    pub counts: std::collections::BTreeMap<String, i64>,
     pub deliveries: Vec<DeliveryView>,
 }
 
@@ -226,7 +228,8 @@ impl Store {
         let client = self.client().await?;
         let Some(m) = client
             .query_opt(
-                "SELECT id, tenant_id, template_id, state, error, source, created_at, updated_at
+                "SELECT id, tenant_id, template_id, state, error, source, created_at, updated_at,
+                        state_counts
                  FROM messages WHERE id = $1 AND tenant_id = $2",
                 &[&id, &tenant],
             )
@@ -287,6 +290,7 @@ impl Store {
             source: m.get(5),
             created_at: m.get(6),
             updated_at: m.get(7),
+            counts: serde_json::from_value(m.get(8)).unwrap_or_default(),
             deliveries,
         }))
     }
