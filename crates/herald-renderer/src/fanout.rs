@@ -8,11 +8,11 @@
 use std::collections::{BTreeMap, HashSet};
 
 use chrono::{DateTime, Utc};
+use herald_contract::channels;
 use herald_contract::v1::{DeliveryJob, NotificationRequest, Priority, Recipient};
-use herald_contract::{SCHEMA_VERSION, channels, encode_json, headers};
 use herald_store::{
-    BatchWritten, Decision, MessageRecord, NewDelivery, OutboxJob, OutboxMessage, PlannedDelivery,
-    Preferences, RecipientProfile,
+    BatchWritten, Decision, MessageRecord, NewDelivery, OutboxJob, PlannedDelivery, Preferences,
+    RecipientProfile,
 };
 use uuid::Uuid;
 
@@ -303,7 +303,7 @@ impl Renderer {
                 detail,
             });
         }
-        let job_message = self.job_message(row, job);
+        let job_message = self.job_message(job);
         let from = context.send_at.unwrap_or(context.now);
         let quiet = match (&preferences.quiet_hours, context.urgent) {
             (Some(quiet), false) => {
@@ -358,27 +358,8 @@ impl Renderer {
         Ok(unfollowed)
     }
 
-    /// The delivery job as an outbox row: the lane's routing key, the trace context, the
-    /// schema version and attempt 1, the delivery id as the AMQP message id.
-    fn job_message(&self, row: &NewDelivery, job: &DeliveryJob) -> OutboxJob {
-        let mut job_headers: BTreeMap<String, String> =
-            herald_telemetry::trace_headers().into_iter().collect();
-        job_headers.insert(headers::SCHEMA_VERSION.into(), SCHEMA_VERSION.into());
-        job_headers.insert(headers::ATTEMPT.into(), "1".into());
-        let topology = self.broker.topology();
-        OutboxJob {
-            message: OutboxMessage {
-                exchange: topology.deliveries_exchange(),
-                // Each priority has its own lane (queue): `<channel>` for normal,
-                // `<channel>.<lane>` for urgent, high and bulk.
-                routing_key: topology
-                    .lane_routing_key(&row.channel, herald_amqp::Lane::from(job.priority())),
-                headers: job_headers,
-                body: encode_json(job),
-                routing: herald_amqp::Routing::Required,
-            },
-            message_id: row.id.to_string(),
-            priority: job.priority().amqp_priority(),
-        }
+    /// The delivery job as an outbox row.
+    fn job_message(&self, job: &DeliveryJob) -> OutboxJob {
+        OutboxJob::delivery(self.broker.topology(), job)
     }
 }

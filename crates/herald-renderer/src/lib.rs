@@ -11,7 +11,7 @@ pub mod template;
 use std::sync::Arc;
 
 use herald_amqp::{AmqpSettings, Broker, Delivery, Disposition};
-use herald_contract::v1::{DeliveryJob, NotificationRequest};
+use herald_contract::v1::{DeliveryJob, FallbackStep, NotificationRequest};
 use herald_contract::{channels, decode_json};
 use herald_store::{NewDelivery, NewMessage, Store, StoreSettings};
 use herald_telemetry::TelemetrySettings;
@@ -283,87 +283,140 @@ impl Renderer {
         // One account look-up per channel (and per named robot), not per recipient.
         let mut accounts: std::collections::HashMap<String, Option<String>> = Default::default();
         for &(index, recipient) in recipients {
-            // The first wanted channel this recipient can be reached on (fallback chains
-            // across channels come with the channel work).
-            let choice = wanted.iter().find(|channel| {
-                channels::ALL.contains(&channel.as_str())
-                    && definition.channel_names().contains(&channel.as_str())
-                    && address_for(recipient, channel).is_some()
-            });
-            let Some(channel) = choice else {
+            // The wanted channels this recipient can be reached on, in the request's order:
+            // the first is sent, the others are its fallback chain.
+            let reachable: Vec<&String> = wanted
+                .iter()
+                .filter(|channel| {
+                    channels::ALL.contains(&channel.as_str())
+                        && definition.channel_names().contains(&channel.as_str())
+                        && address_for(recipient, channel).is_some()
+                })
+                .collect();
+            if reachable.is_empty() {
                 return Ok(Err(RenderError::new(
                     format!("recipients[{index}]"),
                     format!("no address for any of the channels [{}]", wanted.join(", ")),
                 )));
-            };
-            let account = if is_robot(channel) {
-                // The robot is the recipient and the account: it must be the tenant's own.
-                let robot = address_for(recipient, channel).unwrap_or_default();
-                let key = format!("{channel}:{robot}");
-                let owned = match accounts.get(&key) {
-                    Some(known) => known.is_some(),
-                    None => {
-                        let owned = self.store.is_tenant_account(tenant, robot, channel).await?;
-                        accounts.insert(key, owned.then(|| robot.to_string()));
-                        owned
-                    }
-                };
-                if !owned {
-                    return Ok(Err(RenderError::new(
-                        format!("recipients[{index}].{channel}_robot"),
-                        format!("`{robot}` is not one of this tenant's {channel} robots"),
-                    )));
+            }
+            let mut steps = Vec::with_capacity(reachable.len());
+            for channel in reachable {
+                let step = self
+                    .step(
+                        tenant,
+                        &mut accounts,
+                        index,
+                        recipient,
+                        channel,
+                        |account| {
+                            template.render(channel, account, &template_ref.locale, &variables)
+                        },
+                    )
+                    .await?;
+                match step {
+                    Ok(step) => steps.push(FallbackStep {
+                        delivery_id: Uuid::new_v5(
+                            &message_id,
+                            format!("{index}/{channel}").as_bytes(),
+                        )
+                        .to_string(),
+                        ..step
+                    }),
+                    Err(e) => return Ok(Err(e)),
                 }
-                Some(robot.to_string())
-            } else {
-                match accounts.get(channel.as_str()) {
-                    Some(account) => account.clone(),
-                    None => {
-                        let found = self.store.default_provider_account(tenant, channel).await?;
-                        accounts.insert(channel.clone(), found.clone());
-                        found
-                    }
-                }
-            };
-            let Some(account) = account else {
-                return Ok(Err(RenderError::new(
-                    "channels",
-                    format!("tenant has no default provider account for `{channel}`"),
-                )));
-            };
-            let payload = match template.render(channel, &account, &template_ref.locale, &variables)
-            {
-                Ok(payload) => payload,
-                Err(e) => return Ok(Err(e)),
-            };
-            let address = address_for(recipient, channel)
-                .unwrap_or_default()
-                .to_string();
-            let delivery_id = Uuid::new_v5(&message_id, format!("{index}/{channel}").as_bytes());
+            }
+            let first = steps.remove(0);
+            let delivery_id =
+                Uuid::new_v5(&message_id, format!("{index}/{}", first.channel).as_bytes());
             let job = DeliveryJob {
                 delivery_id: delivery_id.to_string(),
                 message_id: message_id.to_string(),
                 tenant: tenant.to_string(),
-                channel: channel.clone(),
-                provider_account: account.clone(),
-                recipient: address.clone(),
-                payload: serde_json::from_value(payload).ok(),
+                channel: first.channel.clone(),
+                provider_account: first.provider_account.clone(),
+                recipient: first.recipient.clone(),
+                payload: first.payload,
                 priority: request.priority,
                 attempt: 1,
                 expires_at: request.expires_at,
                 template_id: template_ref.id.clone(),
+                fallback: steps,
             };
             planned.push((
                 NewDelivery {
                     id: delivery_id,
-                    channel: channel.clone(),
-                    provider_account: account,
-                    recipient: address,
+                    channel: first.channel,
+                    provider_account: first.provider_account,
+                    recipient: first.recipient,
                 },
                 job,
             ));
         }
         Ok(Ok(planned))
+    }
+}
+
+impl Renderer {
+    /// One channel for one recipient: its sending account (the tenant's default, or the robot
+    /// the recipient names, which must be the tenant's own) and its rendered payload.
+    async fn step(
+        &self,
+        tenant: &str,
+        accounts: &mut std::collections::HashMap<String, Option<String>>,
+        index: usize,
+        recipient: &herald_contract::v1::Recipient,
+        channel: &str,
+        render: impl FnOnce(&str) -> Result<Value, RenderError>,
+    ) -> Result<Result<FallbackStep, RenderError>, Failure> {
+        let address = address_for(recipient, channel).unwrap_or_default();
+        let account = if is_robot(channel) {
+            // The robot is the recipient and the account: it must be the tenant's own.
+            let key = format!("{channel}:{address}");
+            let owned = match accounts.get(&key) {
+                Some(known) => known.is_some(),
+                None => {
+                    let owned = self
+                        .store
+                        .is_tenant_account(tenant, address, channel)
+                        .await?;
+                    accounts.insert(key, owned.then(|| address.to_string()));
+                    owned
+                }
+            };
+            if !owned {
+                return Ok(Err(RenderError::new(
+                    format!("recipients[{index}].{channel}_robot"),
+                    format!("`{address}` is not one of this tenant's {channel} robots"),
+                )));
+            }
+            Some(address.to_string())
+        } else {
+            match accounts.get(channel) {
+                Some(account) => account.clone(),
+                None => {
+                    let found = self.store.default_provider_account(tenant, channel).await?;
+                    accounts.insert(channel.to_string(), found.clone());
+                    found
+                }
+            }
+        };
+        let Some(account) = account else {
+            return Ok(Err(RenderError::new(
+                "channels",
+                format!("tenant has no default provider account for `{channel}`"),
+            )));
+        };
+        let payload = match render(&account) {
+            Ok(payload) => payload,
+            Err(e) => return Ok(Err(e)),
+        };
+        Ok(Ok(FallbackStep {
+            delivery_id: String::new(),
+            channel: channel.to_string(),
+            provider_account: account,
+            recipient: address.to_string(),
+            payload: serde_json::from_value(payload).ok(),
+        }))
     }
 }
 

@@ -33,7 +33,7 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::breaker::{Admission, BreakerSettings, Breakers};
-use crate::channel::{Attempt, Channel};
+use crate::channel::{Attempt, Channel, FailureKind};
 use crate::limit::{AccountSettings, RateLimit, RateLimiter, Slot};
 use crate::policy::{Next, Policy, PolicyOverride};
 
@@ -579,8 +579,19 @@ impl Sender {
                     tracing::warn!(%code, %message, ?kind, "delivery failed permanently");
                 }
                 meters::outcome(&lane.channel, "failed", &code);
-                self.store_then_ack(delivery_id, Outcome::Failed { code, message })
-                    .await
+                // A recipient this channel cannot reach may be reachable on the next one.
+                let fallback = (kind == FailureKind::Recipient)
+                    .then(|| self.fallback(&job))
+                    .flatten();
+                self.store_then_ack(
+                    delivery_id,
+                    Outcome::Failed {
+                        code,
+                        message,
+                        fallback,
+                    },
+                )
+                .await
             }
             Attempt::Retry { code, message, .. } => {
                 let created_at = match self.created_at(delivery_id).await {
@@ -589,7 +600,7 @@ impl Sender {
                 };
                 match policy.after_failure(attempt, created_at, Utc::now()) {
                     Next::GiveUp(reason) => {
-                        self.give_up(lane, delivery_id, code, &reason, &message)
+                        self.give_up(lane, &job, delivery_id, code, &reason, &message)
                             .await
                     }
                     Next::Retry(tier) => {
@@ -633,7 +644,7 @@ impl Sender {
                     Ok(until) => until,
                     Err(reason) => {
                         return self
-                            .give_up(lane, delivery_id, code, &reason, &message)
+                            .give_up(lane, &job, delivery_id, code, &reason, &message)
                             .await;
                     }
                 };
@@ -726,16 +737,20 @@ impl Sender {
         }
     }
 
-    /// Fails the delivery for good and parks the job (`exhausted`).
+    /// Fails the delivery for good (`exhausted`): its fallback channel takes over when it has
+    /// one; otherwise the job is parked in the dead-letter queue for an operator.
     async fn give_up(
         &self,
         lane: &LaneQueue,
+        job: &DeliveryJob,
         delivery_id: Uuid,
         code: String,
         reason: &str,
         last: &str,
     ) -> Disposition {
         let message = format!("{reason}; last: {last}");
+        let fallback = self.fallback(job);
+        let falls_back = fallback.is_some();
         if let Err(e) = self
             .store
             .record_outcome(
@@ -743,6 +758,7 @@ impl Sender {
                 &Outcome::Failed {
                     code: code.clone(),
                     message: message.clone(),
+                    fallback,
                 },
             )
             .await
@@ -752,7 +768,43 @@ impl Sender {
             };
         }
         meters::outcome(&lane.channel, "exhausted", &code);
-        dead("exhausted", message)
+        if falls_back {
+            // Replaying this job later would send on a channel already given up on while
+            // the fallback has gone out: nothing to park.
+            Disposition::Ack
+        } else {
+            dead("exhausted", message)
+        }
+    }
+
+    /// The next step of `job`'s fallback chain as a delivery and its job, carrying the rest.
+    fn fallback(&self, job: &DeliveryJob) -> Option<Box<herald_store::Fallback>> {
+        let (next, rest) = job.fallback.split_first()?;
+        let id = Uuid::parse_str(&next.delivery_id).ok()?;
+        let next_job = DeliveryJob {
+            delivery_id: next.delivery_id.clone(),
+            channel: next.channel.clone(),
+            provider_account: next.provider_account.clone(),
+            recipient: next.recipient.clone(),
+            payload: next.payload.clone(),
+            attempt: 1,
+            fallback: rest.to_vec(),
+            ..job.clone()
+        };
+        tracing::info!(
+            from = %job.channel,
+            to = %next.channel,
+            "recipient unreachable here: falling back to the next channel"
+        );
+        Some(Box::new(herald_store::Fallback {
+            delivery: herald_store::NewDelivery {
+                id,
+                channel: next.channel.clone(),
+                provider_account: next.provider_account.clone(),
+                recipient: next.recipient.clone(),
+            },
+            job: herald_store::OutboxJob::delivery(self.broker.topology(), &next_job),
+        }))
     }
 
     /// Parks the job in `tier`; it comes back to this lane's queue (`CC` = the lane's routing

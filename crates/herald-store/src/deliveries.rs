@@ -8,7 +8,7 @@ use serde_json::json;
 use uuid::Uuid;
 
 use crate::messages::NewDelivery;
-use crate::outbox::OutboxMessage;
+use crate::outbox::{OutboxJob, OutboxMessage};
 use crate::state::{aggregate_counts, transition_allowed};
 use crate::{Store, StoreError};
 
@@ -41,7 +41,16 @@ pub enum Outcome {
     Failed {
         code: String,
         message: String,
+        /// The next channel for this recipient, queued in the same transaction.
+        fallback: Option<Box<Fallback>>,
     },
+}
+
+/// The next step of a fallback chain: its delivery row and its job.
+#[derive(Debug, Clone)]
+pub struct Fallback {
+    pub delivery: NewDelivery,
+    pub job: OutboxJob,
 }
 
 /// What happened to a provider event.
@@ -239,7 +248,7 @@ impl Store {
                 Some(message.as_str()),
                 json!({ "code": code, "message": message, "retry_in": retry_in }),
             ),
-            Outcome::Failed { code, message } => (
+            Outcome::Failed { code, message, .. } => (
                 S::Failed,
                 Some(code.as_str()),
                 Some(message.as_str()),
@@ -285,6 +294,14 @@ impl Store {
             },
         )
         .await?;
+        if let Outcome::Failed {
+            code,
+            fallback: Some(next),
+            ..
+        } = outcome
+        {
+            self.queue_fallback(&tx, &row, code, next).await?;
+        }
         let mut state = to;
         if let Some(provider_msgid) = msgid {
             let pending = tx
@@ -431,6 +448,65 @@ impl Store {
     }
 
     /// Row: id, message_id, tenant_id, channel, state, provider_account.
+    /// Queues the next channel of a failed delivery's fallback chain (idempotent by the
+    /// step's delivery id: a failure recorded twice queues it once).
+    async fn queue_fallback(
+        &self,
+        tx: &tokio_postgres::Transaction<'_>,
+        failed: &tokio_postgres::Row,
+        code: &str,
+        next: &Fallback,
+    ) -> Result<(), StoreError> {
+        let failed_id: Uuid = failed.get(0);
+        let message_id: Uuid = failed.get(1);
+        let tenant: String = failed.get(2);
+        let d = &next.delivery;
+        let inserted = tx
+            .query_opt(
+                "INSERT INTO deliveries (id, message_id, tenant_id, channel, provider_account,
+                    recipient, state, traceparent)
+                 VALUES ($1, $2, $3, $4, $5, $6, 'queued', $7)
+                 ON CONFLICT (id) DO NOTHING RETURNING id",
+                &[
+                    &d.id,
+                    &message_id,
+                    &tenant,
+                    &d.channel,
+                    &d.provider_account,
+                    &d.recipient,
+                    &herald_telemetry::current_traceparent(),
+                ],
+            )
+            .await?;
+        if inserted.is_none() {
+            return Ok(());
+        }
+        tx.execute(
+            "INSERT INTO delivery_events (delivery_id, state, source, detail, trace_id)
+             VALUES ($1, 'queued', 'fallback', $2, $3)",
+            &[
+                &d.id,
+                &json!({ "after": failed_id, "code": code }),
+                &herald_telemetry::current_trace_id(),
+            ],
+        )
+        .await?;
+        self.announce(
+            tx,
+            d.id,
+            message_id,
+            &tenant,
+            &d.channel,
+            S::Queued,
+            None,
+            None,
+        )
+        .await?;
+        self.shift_counts(tx, message_id, &[(S::Queued, 1)]).await?;
+        Self::insert_outbox_many(tx, &[], std::slice::from_ref(&next.job)).await?;
+        Ok(())
+    }
+
     pub(crate) async fn lock_delivery(
         &self,
         tx: &tokio_postgres::Transaction<'_>,

@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 use tokio_postgres::NoTls;
 
-pub use deliveries::{Claim, DeliveryRecord, Outcome, ProviderEventOutcome};
+pub use deliveries::{Claim, DeliveryRecord, Fallback, Outcome, ProviderEventOutcome};
 pub use directory::{Addresses, FrequencyCap, Preferences, QuietHours, RecipientProfile, mask};
 pub use fanout::{BatchWritten, Decision, FanoutProgress, PlannedDelivery};
 pub use listing::{DeliverySummary, MessageFilter, MessageSummary};

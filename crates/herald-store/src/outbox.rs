@@ -29,6 +29,36 @@ pub struct OutboxJob {
     pub priority: u8,
 }
 
+impl OutboxJob {
+    /// A delivery job as an outbox row: its lane's routing key on the deliveries exchange, the
+    /// current trace context, the schema version, the attempt (1), and the delivery id as the
+    /// AMQP message id.
+    pub fn delivery(
+        topology: &herald_amqp::Topology,
+        job: &herald_contract::v1::DeliveryJob,
+    ) -> Self {
+        use herald_contract::{SCHEMA_VERSION, headers};
+        let mut job_headers: std::collections::BTreeMap<String, String> =
+            herald_telemetry::trace_headers().into_iter().collect();
+        job_headers.insert(headers::SCHEMA_VERSION.into(), SCHEMA_VERSION.into());
+        job_headers.insert(headers::ATTEMPT.into(), "1".into());
+        OutboxJob {
+            message: OutboxMessage {
+                exchange: topology.deliveries_exchange(),
+                // Each priority has its own lane (queue): `<channel>` for normal,
+                // `<channel>.<lane>` for urgent, high and bulk.
+                routing_key: topology
+                    .lane_routing_key(&job.channel, herald_amqp::Lane::from(job.priority())),
+                headers: job_headers,
+                body: herald_contract::encode_json(job),
+                routing: Routing::Required,
+            },
+            message_id: job.delivery_id.clone(),
+            priority: job.priority().amqp_priority(),
+        }
+    }
+}
+
 /// Rows the relay takes per round.
 const BATCH: i64 = 500;
 /// Rows written by another process (or left by a crash) are found by this poll.

@@ -1,0 +1,102 @@
+//! Fallback chains: a request's channels in order; when a delivery fails for the recipient
+//! (WeChat 43101: no subscription; 43004: not following) or gives up after its retries, the
+//! next channel the recipient has an address for takes over, and the message's timeline shows
+//! both.
+
+use std::time::Duration;
+
+use herald_contract::channels;
+use herald_contract::v1::{DeliveryState, NotificationRequest, Recipient};
+use herald_e2e::{TestEnv, demo};
+use heraldctl::demo as seed;
+use serde_json::Value;
+
+fn request(order: &str, chain: &[&str]) -> NotificationRequest {
+    let mut request = demo::request(demo::OPENID, order);
+    request.id = uuid::Uuid::now_v7().to_string();
+    request.channels = chain.iter().map(|c| c.to_string()).collect();
+    request.recipients = vec![Recipient {
+        wechat_openid: demo::OPENID.into(),
+        wecom_userid: seed::WECOM_USERID.into(),
+        ..Default::default()
+    }];
+    request
+}
+
+/// The message's deliveries once both have settled, keyed by channel.
+async fn settled(env: &TestEnv, id: &str) -> Vec<Value> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let view = env.get_message(id).await;
+        let deliveries = view["deliveries"].as_array().cloned().unwrap_or_default();
+        if deliveries.len() == 2
+            && deliveries
+                .iter()
+                .all(|d| matches!(d["state"].as_str(), Some("sent" | "delivered" | "failed")))
+        {
+            return deliveries;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not settled: {view}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn on<'a>(deliveries: &'a [Value], channel: &str) -> &'a Value {
+    deliveries
+        .iter()
+        .find(|d| d["channel"] == channel)
+        .unwrap_or_else(|| panic!("no {channel} delivery in {deliveries:?}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_subscription_falls_back_to_the_next_channel() {
+    let mut env = TestEnv::start().await;
+    // No acceptance granted: WeChat answers 43101 to the subscribe message.
+    let request = request("FB-1", &[channels::WECHAT_SUBSCRIBE, channels::WECOM]);
+    env.publish_request(&herald_contract::encode_json(&request), Some("guest"), None)
+        .await;
+    env.wait_for_status(&request.id, DeliveryState::Queued)
+        .await;
+    let deliveries = settled(&env, &request.id).await;
+
+    let subscribe = on(&deliveries, channels::WECHAT_SUBSCRIBE);
+    assert_eq!(subscribe["state"], "failed");
+    assert_eq!(subscribe["last_error_code"], "43101");
+    let wecom = on(&deliveries, channels::WECOM);
+    assert_eq!(wecom["state"], "sent");
+    let queued = &wecom["timeline"][0];
+    assert_eq!(queued["state"], "queued");
+    assert_eq!(queued["source"], "fallback");
+    assert_eq!(queued["detail"]["after"], subscribe["id"]);
+    assert_eq!(env.stack.sandbox.wecom_messages().len(), 1);
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_that_gives_up_falls_back_instead_of_parking() {
+    let mut env = TestEnv::start_with(|config| {
+        config.sender.max_attempts = 2;
+    })
+    .await;
+    // WeChat is busy for both attempts of the template message.
+    env.stack
+        .sandbox
+        .inject_errors(herald_sandbox::paths::TEMPLATE_SEND, vec![-1, -1]);
+    let request = request("FB-2", &[channels::WECHAT_TEMPLATE, channels::WECOM]);
+    env.publish_request(&herald_contract::encode_json(&request), Some("guest"), None)
+        .await;
+    env.wait_for_status(&request.id, DeliveryState::Queued)
+        .await;
+    let deliveries = settled(&env, &request.id).await;
+    let template = on(&deliveries, channels::WECHAT_TEMPLATE);
+    assert_eq!(template["state"], "failed");
+    assert_eq!(template["attempts"], 2);
+    assert_eq!(on(&deliveries, channels::WECOM)["state"], "sent");
+    // The given-up job was not parked: the fallback handled it.
+    let dead = env.broker.topology().dead_queue();
+    assert_eq!(env.queue_depth(&dead).await, 0);
+    env.stop().await;
+}
