@@ -183,6 +183,10 @@ async fn a_cancelled_scheduled_message_sends_nothing() {
     assert_eq!(unknown.status(), 404);
     assert!(env.sends_to(&to).is_empty());
     let view = env.get_message(&id).await;
-    assert_eq!(view["counts"], serde_json::json!({"expired": 1}), "{view:#}");
+    assert_eq!(
+        view["counts"],
+        serde_json::json!({"expired": 1}),
+        "{view:#}"
+    );
     env.stop().await;
 }
