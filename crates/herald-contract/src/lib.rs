@@ -53,8 +53,17 @@ pub mod channels {
     pub const DINGTALK: &str = "dingtalk";
     /// Feishu (Lark) custom group robots.
     pub const FEISHU: &str = "feishu";
+    /// E-mail over SMTP.
+    pub const EMAIL: &str = "email";
     /// Every channel this build knows how to route (and sends to).
-    pub const ALL: &[&str] = &[WECHAT_TEMPLATE, WECHAT_SUBSCRIBE, WECOM, DINGTALK, FEISHU];
+    pub const ALL: &[&str] = &[
+        WECHAT_TEMPLATE,
+        WECHAT_SUBSCRIBE,
+        WECOM,
+        DINGTALK,
+        FEISHU,
+        EMAIL,
+    ];
 }
 
 /// A body that could not be decoded, with the path of the field at fault.

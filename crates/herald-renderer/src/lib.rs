@@ -434,6 +434,7 @@ fn address_for<'a>(
         channels::WECOM => recipient.wecom_userid.as_str(),
         channels::DINGTALK => recipient.dingtalk_robot.as_str(),
         channels::FEISHU => recipient.feishu_robot.as_str(),
+        channels::EMAIL => recipient.email.as_str(),
         _ => "",
     };
     (!address.is_empty()).then_some(address)

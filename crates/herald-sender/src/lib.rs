@@ -119,6 +119,8 @@ pub struct SenderSettings {
     pub breaker: BreakerSettings,
     /// DingTalk and Feishu group robots, by provider account id.
     pub robots: BTreeMap<String, channels::robots::RobotSettings>,
+    /// SMTP provider accounts of the `email` channel, by provider account id.
+    pub smtp: BTreeMap<String, channels::email::SmtpSettings>,
 }
 
 impl Default for SenderSettings {
@@ -146,6 +148,7 @@ impl Default for SenderSettings {
             connect_timeout_ms: 5_000,
             breaker: BreakerSettings::default(),
             robots: BTreeMap::new(),
+            smtp: BTreeMap::new(),
         }
     }
 }

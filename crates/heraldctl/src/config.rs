@@ -93,6 +93,18 @@ impl HeraldConfig {
                 },
             );
         }
+        // A local relay without TLS (tests point it at their own sink).
+        self.sender
+            .smtp
+            .entry(demo::EMAIL_ACCOUNT.to_string())
+            .or_insert_with(|| herald_sender::channels::email::SmtpSettings {
+                host: "127.0.0.1".into(),
+                port: Some(demo::EMAIL_RELAY_PORT),
+                tls: herald_sender::channels::email::SmtpTls::None,
+                from: demo::EMAIL_FROM.into(),
+                timeout_ms: 5_000,
+                ..Default::default()
+            });
         self.callback
             .wechat
             .entry(demo::ACCOUNT.to_string())

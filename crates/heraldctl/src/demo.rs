@@ -22,6 +22,11 @@ pub const WECOM_USERID: &str = "zhangsan";
 /// The demo group robots (the sandbox's demo robots).
 pub const DINGTALK_ROBOT: &str = "demo-dingtalk";
 pub const FEISHU_ROBOT: &str = "demo-feishu";
+/// The demo SMTP account: a relay on 127.0.0.1:2525 without TLS (any local sink, e.g.
+/// `python3 tests/smtp/sink.py --port 2525`), sending as the demo shop.
+pub const EMAIL_ACCOUNT: &str = "demo-email";
+pub const EMAIL_FROM: &str = "Demo shop <no-reply@shop.example>";
+pub const EMAIL_RELAY_PORT: u16 = 2525;
 
 /// The `order_shipped` template (`examples/templates/order_shipped.yaml` links to this file).
 pub const TEMPLATE_YAML: &str = include_str!("order_shipped.yaml");
@@ -32,7 +37,8 @@ pub fn template_definition() -> Result<TemplateDefinition, herald_renderer::Rend
 }
 
 /// Seeds the demo tenant (publishing over AMQP as `amqp_user`), its API key, its WeChat
-/// account, WeCom application and group robots, and the `order_shipped` template. Idempotent.
+/// account, WeCom application, group robots and SMTP account, and the `order_shipped`
+/// template. Idempotent.
 pub async fn seed(store: &Store, amqp_user: &str) -> Result<(), herald_store::StoreError> {
     store
         .upsert_tenant(TENANT, "Demo shop", Some(amqp_user))
@@ -53,6 +59,7 @@ pub async fn seed(store: &Store, amqp_user: &str) -> Result<(), herald_store::St
         (WECOM_ACCOUNT, "wecom_app", channels::WECOM, WECOM_CORPID),
         (DINGTALK_ROBOT, "dingtalk_robot", channels::DINGTALK, ""),
         (FEISHU_ROBOT, "feishu_robot", channels::FEISHU, ""),
+        (EMAIL_ACCOUNT, "smtp", channels::EMAIL, ""),
     ] {
         store
             .upsert_provider_account(id, TENANT, kind, channel, app_id, true)

@@ -16,7 +16,7 @@ pub const WECHAT_SUBSCRIBE: &str = herald_contract::channels::WECHAT_SUBSCRIBE;
 pub const WECOM: &str = herald_contract::channels::WECOM;
 pub const DINGTALK: &str = herald_contract::channels::DINGTALK;
 pub const FEISHU: &str = herald_contract::channels::FEISHU;
-pub const EMAIL: &str = "email";
+pub const EMAIL: &str = herald_contract::channels::EMAIL;
 pub const SMS: &str = "sms";
 pub const WEBHOOK: &str = "webhook";
 

@@ -1,5 +1,6 @@
 //! Every channel the sender can serve, each in its module.
 
+pub mod email;
 pub mod robots;
 pub mod wechat;
 pub mod wecom;
@@ -47,6 +48,7 @@ pub fn build(
             robots::Kind::Feishu,
             settings.robots.clone(),
         ))),
+        channels::EMAIL => Ok(Arc::new(email::Email::new(&settings.smtp)?)),
         other => Err(format!("sender.channels: unknown channel `{other}`")),
     }
 }
