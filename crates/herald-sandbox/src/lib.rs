@@ -311,6 +311,30 @@ impl Sandbox {
     }
 
     /// The next injected errcode for `path`, if any (0 means: this call behaves normally).
+    /// What every token-guarded API call does first: take the `access_token` (41001 when
+    /// missing), then answer an injected error for `path` if one is queued.
+    fn admit_call(
+        &self,
+        path: &str,
+        query: Result<
+            axum::extract::Query<HashMap<String, String>>,
+            axum::extract::rejection::QueryRejection,
+        >,
+    ) -> Result<String, WxError> {
+        let token = query
+            .ok()
+            .and_then(|axum::extract::Query(mut query)| query.remove("access_token"))
+            .filter(|token| !token.is_empty());
+        let Some(token) = token else {
+            return Err(WxError::new(wx_error::ACCESS_TOKEN_MISSING));
+        };
+        if let Some(err) = self.take_injected(path) {
+            tracing::info!(%err, path, "answering injected error");
+            return Err(err);
+        }
+        Ok(token)
+    }
+
     fn take_injected(&self, path: &str) -> Option<WxError> {
         let mut state = self.lock();
         let queue = state.injected.get_mut(path)?;

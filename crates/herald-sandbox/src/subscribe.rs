@@ -14,8 +14,8 @@ use serde_json::{Map, Value, json};
 
 use crate::callbacks::{self, CallbackEvent, CallbackJob};
 use crate::wx_error::{
-    ACCESS_TOKEN_MISSING, ARGUMENT_INVALID, DATA_FORMAT_ERROR, INVALID_OPENID, INVALID_TEMPLATE_ID,
-    SUBSCRIPTION_REFUSED, WxError,
+    ARGUMENT_INVALID, DATA_FORMAT_ERROR, INVALID_OPENID, INVALID_TEMPLATE_ID, SUBSCRIPTION_REFUSED,
+    WxError,
 };
 use crate::{Sandbox, SandboxApp, paths};
 
@@ -70,17 +70,10 @@ async fn send(
     body: Bytes,
 ) -> Response {
     let clock = sandbox.clock();
-    let token = query
-        .ok()
-        .and_then(|Query(mut query)| query.remove("access_token"))
-        .filter(|token| !token.is_empty());
-    let Some(token) = token else {
-        return WxError::new(ACCESS_TOKEN_MISSING).respond(clock);
+    let token = match sandbox.admit_call(path, query) {
+        Ok(token) => token,
+        Err(err) => return err.respond(clock),
     };
-    if let Some(err) = sandbox.take_injected(path) {
-        tracing::info!(%err, "answering injected error");
-        return err.respond(clock);
-    }
     let now = clock.now();
     let outcome = {
         let mut state = sandbox.lock();

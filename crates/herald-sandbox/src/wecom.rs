@@ -15,7 +15,7 @@ use chrono::{DateTime, TimeDelta, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use crate::wx_error::{ACCESS_TOKEN_MISSING, INVALID_CREDENTIAL, WxError};
+use crate::wx_error::{INVALID_CREDENTIAL, WxError};
 use crate::{Sandbox, paths};
 
 pub const INVALID_CORPID: i64 = 40013;
@@ -138,16 +138,10 @@ pub(crate) async fn send(
     body: Bytes,
 ) -> Response {
     let clock = sandbox.clock();
-    let token = query
-        .ok()
-        .and_then(|Query(mut q)| q.remove("access_token"))
-        .filter(|t| !t.is_empty());
-    let Some(token) = token else {
-        return WxError::new(ACCESS_TOKEN_MISSING).respond(clock);
+    let token = match sandbox.admit_call(paths::WECOM_MESSAGE_SEND, query) {
+        Ok(token) => token,
+        Err(err) => return err.respond(clock),
     };
-    if let Some(err) = sandbox.take_injected(paths::WECOM_MESSAGE_SEND) {
-        return err.respond(clock);
-    }
     let now = clock.now();
     let mut state = sandbox.lock();
     let state = &mut *state;
