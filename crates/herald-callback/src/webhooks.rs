@@ -14,21 +14,22 @@
 //! after `max_attempts` the event is parked in the dead-letter queue (`webhook_failed`).
 //! Targets that resolve to private, loopback or link-local addresses are refused unless their
 //! host is allow-listed (SSRF), and redirects are not followed.
+//!
+//! Signing, secrets and the SSRF guard are `herald-webhook`'s, shared with the sender's
+//! `webhook` channel.
 
-use std::collections::{HashMap, HashSet};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable};
-use base64::Engine;
-use base64::engine::general_purpose::STANDARD as BASE64;
 use herald_amqp::{Broker, Delivery, Disposition};
 use herald_contract::decode_json;
 use herald_contract::v1::StatusEvent;
 use herald_store::{Store, TenantWebhook};
-use hmac::{Hmac, KeyInit, Mac};
+use herald_webhook::target::{self, Allow};
+use herald_webhook::{Secret, TargetError};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
@@ -45,8 +46,9 @@ pub struct WebhookSettings {
     pub max_attempts: usize,
     pub initial_backoff_ms: u64,
     pub max_backoff_ms: u64,
-    /// Hosts (names or IP addresses, as in the URL) allowed to be private, loopback or
-    /// link-local: internal receivers an operator trusts. Everything else must be public.
+    /// Hosts (names or IP addresses, as in the URL) or CIDR blocks (`10.0.0.0/8`) allowed to
+    /// be private, loopback or link-local: internal receivers an operator trusts. Everything
+    /// else must be public.
     pub allow_private_hosts: Vec<String>,
     /// How long a tenant's webhook settings are reused before they are read again.
     pub settings_cache_ms: u64,
@@ -67,8 +69,8 @@ impl Default for WebhookSettings {
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum WebhookError {
-    #[error("the secret is not `whsec_` followed by base64")]
-    InvalidSecret,
+    #[error(transparent)]
+    InvalidSecret(#[from] herald_webhook::SecretError),
     #[error("refused target: {0}")]
     Refused(String),
     #[error("answered HTTP {0}")]
@@ -83,96 +85,10 @@ impl WebhookError {
     }
 }
 
-/// The HMAC key of a `whsec_<base64>` secret.
-pub fn secret_key(secret: &str) -> Result<Vec<u8>, WebhookError> {
-    let encoded = secret.strip_prefix("whsec_").unwrap_or(secret);
-    let key = BASE64
-        .decode(encoded)
-        .map_err(|_| WebhookError::InvalidSecret)?;
-    if key.is_empty() {
-        return Err(WebhookError::InvalidSecret);
-    }
-    Ok(key)
-}
-
-/// `v1,<base64(HMAC-SHA256(key, "<id>.<timestamp>.<body>"))>`.
-pub fn sign(key: &[u8], id: &str, timestamp: i64, body: &[u8]) -> String {
-    let Ok(mut mac) = <Hmac<Sha256> as KeyInit>::new_from_slice(key) else {
-        return String::new();
-    };
-    mac.update(id.as_bytes());
-    mac.update(b".");
-    mac.update(timestamp.to_string().as_bytes());
-    mac.update(b".");
-    mac.update(body);
-    format!("v1,{}", BASE64.encode(mac.finalize().into_bytes()))
-}
-
 /// The `webhook-id` of a status event: stable across retries and duplicate publishes.
 pub fn message_id(status_event_body: &[u8]) -> String {
     let digest = hex::encode(Sha256::digest(status_event_body));
     format!("msg_{}", &digest[..32])
-}
-
-/// Whether an address is on the public internet (std's `is_global` is not stable).
-pub fn is_public(ip: IpAddr) -> bool {
-    match ip {
-        IpAddr::V4(v4) => is_public_v4(v4),
-        IpAddr::V6(v6) => {
-            if let Some(v4) = v6.to_ipv4_mapped() {
-                return is_public_v4(v4);
-            }
-            let first = v6.segments()[0];
-            !(v6.is_loopback()
-                || v6.is_unspecified()
-                || v6.is_multicast()
-                || (first & 0xfe00) == 0xfc00 // unique local fc00::/7
-                || (first & 0xffc0) == 0xfe80 // link-local fe80::/10
-                || (first == 0x2001 && v6.segments()[1] == 0x0db8) // documentation
-                || v6 == Ipv6Addr::from([0u16, 0, 0, 0, 0, 0, 0, 1]))
-        }
-    }
-}
-
-fn is_public_v4(v4: Ipv4Addr) -> bool {
-    let [a, b, ..] = v4.octets();
-    !(v4.is_loopback()
-        || v4.is_private()
-        || v4.is_link_local()
-        || v4.is_unspecified()
-        || v4.is_broadcast()
-        || v4.is_multicast()
-        || v4.is_documentation()
-        || a == 0
-        || (a == 100 && (64..128).contains(&b)) // carrier-grade NAT 100.64.0.0/10
-        || (a == 198 && (18..20).contains(&b)) // benchmarking 198.18.0.0/15
-        || a >= 240)
-}
-
-/// Resolves names, keeping only public addresses unless the name is allow-listed; the
-/// connection goes to exactly what this returns, so a name cannot re-resolve to a private
-/// address between the check and the connect.
-struct GuardedResolver {
-    allow: Arc<HashSet<String>>,
-}
-
-impl reqwest::dns::Resolve for GuardedResolver {
-    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
-        let host = name.as_str().to_ascii_lowercase();
-        let allowed = self.allow.contains(&host);
-        Box::pin(async move {
-            let found: Vec<SocketAddr> =
-                tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
-            let kept: Vec<SocketAddr> = found
-                .into_iter()
-                .filter(|address| allowed || is_public(address.ip()))
-                .collect();
-            if kept.is_empty() {
-                return Err(format!("{host} resolves to no public address").into());
-            }
-            Ok(Box::new(kept.into_iter()) as reqwest::dns::Addrs)
-        })
-    }
 }
 
 /// A tenant's webhook as last read, and when.
@@ -181,7 +97,7 @@ type CachedWebhook = (tokio::time::Instant, Option<TenantWebhook>);
 /// POSTs status events to tenants' webhooks.
 pub struct Dispatcher {
     settings: WebhookSettings,
-    allow: Arc<HashSet<String>>,
+    allow: Arc<Allow>,
     http: reqwest::Client,
     /// Every status event needs its tenant's webhook; most tenants have none, and a burst of
     /// events should not be a burst of identical queries.
@@ -190,23 +106,14 @@ pub struct Dispatcher {
 
 impl Dispatcher {
     pub fn new(settings: &WebhookSettings) -> Result<Self, CallbackError> {
-        let allow: Arc<HashSet<String>> = Arc::new(
-            settings
-                .allow_private_hosts
-                .iter()
-                .map(|h| h.trim().trim_matches(['[', ']']).to_ascii_lowercase())
-                .collect(),
-        );
-        let http = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            // A proxy would resolve the name itself, around the guard.
-            .no_proxy()
-            .dns_resolver(Arc::new(GuardedResolver {
-                allow: allow.clone(),
-            }))
-            .timeout(Duration::from_millis(settings.timeout_ms))
-            .build()
-            .map_err(|e| CallbackError::Config(format!("webhook HTTP client: {e}")))?;
+        let allow = Arc::new(Allow::parse(&settings.allow_private_hosts).map_err(|e| {
+            CallbackError::Config(format!("callback.webhooks.allow_private_hosts: {e}"))
+        })?);
+        let http = target::client(
+            allow.clone(),
+            reqwest::Client::builder().timeout(Duration::from_millis(settings.timeout_ms)),
+        )
+        .map_err(|e| CallbackError::Config(format!("webhook HTTP client: {e}")))?;
         Ok(Self {
             settings: settings.clone(),
             allow,
@@ -303,16 +210,16 @@ impl Dispatcher {
             "data": data,
         });
         let body = serde_json::to_vec(&payload).unwrap_or_default();
-        let key = match secret_key(&webhook.secret) {
-            Ok(key) => key,
+        let secret = match Secret::parse(&webhook.secret) {
+            Ok(secret) => secret,
             Err(e) => {
                 return Disposition::DeadLetter {
                     reason: "webhook_failed",
-                    detail: e.to_string(),
+                    detail: WebhookError::InvalidSecret(e).to_string(),
                 };
             }
         };
-        let attempt = || self.post_once(&webhook.url, &id, &key, &body);
+        let attempt = || self.post_once(&webhook.url, &id, &secret, &body);
         let backoff = ExponentialBuilder::default()
             .with_min_delay(Duration::from_millis(self.settings.initial_backoff_ms))
             .with_max_delay(Duration::from_millis(self.settings.max_backoff_ms))
@@ -336,7 +243,7 @@ impl Dispatcher {
                 tracing::error!(tenant, webhook_id = %id, %error, "status webhook given up");
                 Disposition::DeadLetter {
                     reason: "webhook_failed",
-                    detail: format!("{}: {error}", redact_url(&webhook.url)),
+                    detail: format!("{}: {error}", target::masked(&webhook.url)),
                 }
             }
         }
@@ -346,27 +253,14 @@ impl Dispatcher {
         &self,
         url: &str,
         id: &str,
-        key: &[u8],
+        secret: &Secret,
         body: &[u8],
     ) -> Result<(), WebhookError> {
-        let parsed = reqwest::Url::parse(url).map_err(|e| WebhookError::Refused(e.to_string()))?;
-        if !matches!(parsed.scheme(), "http" | "https") {
-            return Err(WebhookError::Refused(format!("scheme {}", parsed.scheme())));
-        }
-        let host = parsed
-            .host_str()
-            .ok_or_else(|| WebhookError::Refused("no host".into()))?
-            .trim_matches(['[', ']'])
-            .to_ascii_lowercase();
-        // An address literal never reaches the resolver: check it here.
-        if let Ok(ip) = host.parse::<IpAddr>()
-            && !is_public(ip)
-            && !self.allow.contains(&host)
-        {
-            return Err(WebhookError::Refused(format!(
-                "{host} is not a public address"
-            )));
-        }
+        // An address literal never reaches the resolver: it is checked here.
+        let parsed = target::check_url(url, &self.allow).map_err(|e| match e {
+            TargetError::InvalidUrl(text) => WebhookError::Refused(text),
+            TargetError::Refused(refused) => WebhookError::Refused(refused.to_string()),
+        })?;
         let timestamp = chrono::Utc::now().timestamp();
         let response = self
             .http
@@ -374,20 +268,14 @@ impl Dispatcher {
             .header(reqwest::header::CONTENT_TYPE, "application/json")
             .header("webhook-id", id)
             .header("webhook-timestamp", timestamp.to_string())
-            .header("webhook-signature", sign(key, id, timestamp, body))
+            .header("webhook-signature", secret.sign(id, timestamp, body))
             .body(body.to_vec())
             .send()
             .await
-            .map_err(|e| {
-                // reqwest's Display hides the cause; the resolver's refusal is in the chain.
-                let mut text = e.to_string();
-                let mut source = std::error::Error::source(&e);
-                while let Some(cause) = source {
-                    text.push_str(": ");
-                    text.push_str(&cause.to_string());
-                    source = cause.source();
-                }
-                WebhookError::Transport(text)
+            .map_err(|e| match target::refusal(&e) {
+                // The resolver refused every address of the name: not worth a retry.
+                Some(refused) => WebhookError::Refused(refused.to_string()),
+                None => WebhookError::Transport(target::describe(e)),
             })?;
         if response.status().is_success() {
             Ok(())
@@ -397,54 +285,14 @@ impl Dispatcher {
     }
 }
 
-/// A URL without its query (which may carry a token) for logs and dead-letter details.
-fn redact_url(url: &str) -> String {
-    url.split(['?', '#']).next().unwrap_or_default().to_string()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn standard_webhooks_example_signature() {
-        // The example of the Standard Webhooks specification.
-        let key = secret_key("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").expect("secret");
-        let body = br#"{"test": 2432232314}"#;
-        assert_eq!(
-            sign(&key, "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, body),
-            "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
-        );
-        assert_eq!(secret_key("whsec_!!"), Err(WebhookError::InvalidSecret));
-    }
 
     #[test]
     fn ids_are_stable_per_event() {
         assert_eq!(message_id(b"{}"), message_id(b"{}"));
         assert_ne!(message_id(b"{}"), message_id(b"{ }"));
         assert_eq!(message_id(b"{}").len(), 36);
-    }
-
-    #[test]
-    fn private_addresses_are_not_public() {
-        for private in [
-            "127.0.0.1",
-            "10.1.2.3",
-            "172.16.0.1",
-            "192.168.1.1",
-            "169.254.169.254",
-            "100.64.0.1",
-            "0.0.0.0",
-            "::1",
-            "fe80::1",
-            "fd00::1",
-            "::ffff:127.0.0.1",
-            "::ffff:10.0.0.1",
-        ] {
-            assert!(!is_public(private.parse().expect("ip")), "{private}");
-        }
-        for public in ["1.1.1.1", "203.0.114.1", "2606:4700:4700::1111"] {
-            assert!(is_public(public.parse().expect("ip")), "{public}");
-        }
     }
 }

@@ -55,6 +55,8 @@ pub mod channels {
     pub const FEISHU: &str = "feishu";
     /// E-mail over SMTP.
     pub const EMAIL: &str = "email";
+    /// Signed HTTP POSTs (Standard Webhooks) to the recipient's `webhook_url`.
+    pub const WEBHOOK: &str = "webhook";
     /// Every channel this build knows how to route (and sends to).
     pub const ALL: &[&str] = &[
         WECHAT_TEMPLATE,
@@ -63,6 +65,7 @@ pub mod channels {
         DINGTALK,
         FEISHU,
         EMAIL,
+        WEBHOOK,
     ];
 }
 

@@ -435,6 +435,7 @@ fn address_for<'a>(
         channels::DINGTALK => recipient.dingtalk_robot.as_str(),
         channels::FEISHU => recipient.feishu_robot.as_str(),
         channels::EMAIL => recipient.email.as_str(),
+        channels::WEBHOOK => recipient.webhook_url.as_str(),
         _ => "",
     };
     (!address.is_empty()).then_some(address)

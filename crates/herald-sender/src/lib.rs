@@ -121,6 +121,8 @@ pub struct SenderSettings {
     pub robots: BTreeMap<String, channels::robots::RobotSettings>,
     /// SMTP provider accounts of the `email` channel, by provider account id.
     pub smtp: BTreeMap<String, channels::email::SmtpSettings>,
+    /// Provider accounts of the `webhook` channel (secrets, allow-list), by account id.
+    pub webhooks: BTreeMap<String, channels::webhook::WebhookAccountSettings>,
 }
 
 impl Default for SenderSettings {
@@ -149,6 +151,7 @@ impl Default for SenderSettings {
             breaker: BreakerSettings::default(),
             robots: BTreeMap::new(),
             smtp: BTreeMap::new(),
+            webhooks: BTreeMap::new(),
         }
     }
 }

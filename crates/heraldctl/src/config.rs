@@ -105,6 +105,15 @@ impl HeraldConfig {
                 timeout_ms: 5_000,
                 ..Default::default()
             });
+        self.sender
+            .webhooks
+            .entry(demo::WEBHOOK_ACCOUNT.to_string())
+            .or_insert_with(
+                || herald_sender::channels::webhook::WebhookAccountSettings {
+                    secrets: vec![demo::WEBHOOK_SECRET.into()],
+                    allow: Vec::new(),
+                },
+            );
         self.callback
             .wechat
             .entry(demo::ACCOUNT.to_string())

@@ -27,6 +27,11 @@ pub const FEISHU_ROBOT: &str = "demo-feishu";
 pub const EMAIL_ACCOUNT: &str = "demo-email";
 pub const EMAIL_FROM: &str = "Demo shop <no-reply@shop.example>";
 pub const EMAIL_RELAY_PORT: u16 = 2525;
+/// The demo tenant's `webhook` account and its signing secret (base64 of
+/// `herald-demo-webhook-secret-0001`). No allow-list: private targets are refused until
+/// `[sender.webhooks.demo-webhook] allow` names them.
+pub const WEBHOOK_ACCOUNT: &str = "demo-webhook";
+pub const WEBHOOK_SECRET: &str = "whsec_aGVyYWxkLWRlbW8td2ViaG9vay1zZWNyZXQtMDAwMQ==";
 
 /// The `order_shipped` template (`examples/templates/order_shipped.yaml` links to this file).
 pub const TEMPLATE_YAML: &str = include_str!("order_shipped.yaml");
@@ -60,6 +65,7 @@ pub async fn seed(store: &Store, amqp_user: &str) -> Result<(), herald_store::St
         (DINGTALK_ROBOT, "dingtalk_robot", channels::DINGTALK, ""),
         (FEISHU_ROBOT, "feishu_robot", channels::FEISHU, ""),
         (EMAIL_ACCOUNT, "smtp", channels::EMAIL, ""),
+        (WEBHOOK_ACCOUNT, "webhook", channels::WEBHOOK, ""),
     ] {
         store
             .upsert_provider_account(id, TENANT, kind, channel, app_id, true)

@@ -2,6 +2,7 @@
 
 pub mod email;
 pub mod robots;
+pub mod webhook;
 pub mod wechat;
 pub mod wecom;
 
@@ -49,6 +50,7 @@ pub fn build(
             settings.robots.clone(),
         ))),
         channels::EMAIL => Ok(Arc::new(email::Email::new(&settings.smtp)?)),
+        channels::WEBHOOK => Ok(Arc::new(webhook::Webhooks::new(settings)?)),
         other => Err(format!("sender.channels: unknown channel `{other}`")),
     }
 }
