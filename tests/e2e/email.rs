@@ -24,9 +24,14 @@ struct Sink {
     out: std::path::PathBuf,
 }
 
-/// Installs aiosmtpd from PyPI if `python3` cannot import it; fails clearly (never hangs) if
-/// that does not work.
+/// Installs aiosmtpd from PyPI if `python3` cannot import it (once per test binary: the tests
+/// run in parallel); fails clearly (never hangs) if that does not work.
 fn ensure_aiosmtpd() {
+    static INSTALLED: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+    INSTALLED.get_or_init(install_aiosmtpd);
+}
+
+fn install_aiosmtpd() {
     let importable = || {
         Command::new("python3")
             .args(["-c", "import aiosmtpd"])
