@@ -57,6 +57,31 @@ pub enum Attempt {
     },
 }
 
+impl Attempt {
+    /// A permanent failure; anything but the recipient's own needs an operator (an alert of
+    /// its kind).
+    pub fn failed(code: impl Into<String>, message: impl Into<String>, kind: FailureKind) -> Self {
+        Attempt::Failed {
+            code: code.into(),
+            message: message.into(),
+            kind,
+            alert: kind.alert(),
+        }
+    }
+}
+
+impl FailureKind {
+    /// The alert a failure of this kind raises.
+    pub fn alert(self) -> Option<AlertKind> {
+        match self {
+            FailureKind::Recipient => None,
+            FailureKind::Template => Some(AlertKind::Template),
+            FailureKind::Config => Some(AlertKind::Config),
+            FailureKind::Unknown => Some(AlertKind::UnknownCode),
+        }
+    }
+}
+
 /// How long a deferred job waits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Defer {

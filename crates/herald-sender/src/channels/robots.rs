@@ -21,7 +21,7 @@ use sha2::Sha256;
 use tracing::Instrument;
 use uuid::Uuid;
 
-use crate::channel::{AlertKind, Attempt, Channel, Defer, FailureKind};
+use crate::channel::{Attempt, Channel, Defer, FailureKind};
 use crate::limit::RateLimit;
 use crate::meters;
 
@@ -141,15 +141,14 @@ impl Robots {
 
     async fn attempt(&self, job: &DeliveryJob, delivery_id: Uuid) -> Attempt {
         let Some(robot) = self.robots.get(&job.provider_account) else {
-            return Attempt::Failed {
-                code: "config".into(),
-                message: format!(
+            return Attempt::failed(
+                "config",
+                format!(
                     "no [sender.robots.{}] configured for this robot",
                     job.provider_account
                 ),
-                kind: FailureKind::Config,
-                alert: Some(AlertKind::Config),
-            };
+                FailureKind::Config,
+            );
         };
         let mut body = job
             .payload
@@ -260,17 +259,7 @@ impl Robots {
                 defer: Defer::For(wait),
                 alert: None,
             },
-            Outcome::Permanent(kind) => Attempt::Failed {
-                code,
-                message,
-                kind,
-                alert: match kind {
-                    FailureKind::Config => Some(AlertKind::Config),
-                    FailureKind::Template => Some(AlertKind::Template),
-                    FailureKind::Unknown => Some(AlertKind::UnknownCode),
-                    FailureKind::Recipient => None,
-                },
-            },
+            Outcome::Permanent(kind) => Attempt::failed(code, message, kind),
         }
     }
 }

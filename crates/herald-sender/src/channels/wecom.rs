@@ -16,7 +16,7 @@ use serde_json::Value;
 use tracing::Instrument;
 use uuid::Uuid;
 
-use crate::channel::{AlertKind, Attempt, Channel, Defer, FailureKind, token_failure};
+use crate::channel::{Attempt, Channel, Defer, FailureKind, token_failure};
 use crate::meters;
 
 pub const MESSAGE_SEND: &str = "/cgi-bin/message/send";
@@ -96,12 +96,11 @@ impl Wecom {
     async fn attempt(&self, job: &DeliveryJob) -> Attempt {
         let account = job.provider_account.as_str();
         let Some(agent_id) = self.agents.get(account) else {
-            return Attempt::Failed {
-                code: "config".into(),
-                message: format!("sender.accounts.{account}.agent_id is not set"),
-                kind: FailureKind::Config,
-                alert: Some(AlertKind::Config),
-            };
+            return Attempt::failed(
+                "config",
+                format!("sender.accounts.{account}.agent_id is not set"),
+                FailureKind::Config,
+            );
         };
         let tokens = &self.shared.tokens;
         let mut token = match tokens.token(account).await {
@@ -218,17 +217,7 @@ impl Wecom {
                     defer: Defer::For(wait),
                     alert: None,
                 },
-                Action::Permanent(kind) => Attempt::Failed {
-                    code,
-                    message: answer.errmsg,
-                    kind,
-                    alert: match kind {
-                        FailureKind::Config => Some(AlertKind::Config),
-                        FailureKind::Template => Some(AlertKind::Template),
-                        FailureKind::Unknown => Some(AlertKind::UnknownCode),
-                        FailureKind::Recipient => None,
-                    },
-                },
+                Action::Permanent(kind) => Attempt::failed(code, answer.errmsg, kind),
             };
         }
     }
