@@ -397,6 +397,37 @@ mod tests {
         );
     }
 
+    /// An answer larger than the bound is cut at the bound, without reading the rest.
+    #[tokio::test]
+    async fn answers_are_read_up_to_the_bound() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let address = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            let Ok((mut socket, _)) = listener.accept().await else {
+                return;
+            };
+            // The request first (a POST without a body: its head ends the first read).
+            let mut request = vec![0u8; 4096];
+            let _ = socket.read(&mut request).await;
+            let huge = 1024 * 1024;
+            let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {huge}\r\n\r\n");
+            let _ = socket.write_all(head.as_bytes()).await;
+            let _ = socket.write_all(&vec![b'x'; huge]).await;
+        });
+        let allow = Arc::new(Allow::parse(&["127.0.0.1/32"]).expect("allow"));
+        let http = client(allow, reqwest::Client::builder()).expect("client");
+        let response = http
+            .post(format!("http://{address}/"))
+            .send()
+            .await
+            .expect("answer");
+        let body = read_bounded(response, 64 * 1024).await.expect("body");
+        assert_eq!(body.len(), 64 * 1024);
+    }
+
     /// A name resolving to loopback is refused by the resolver, before any connection, and
     /// the refusal is recognisable in the request's error.
     #[tokio::test]
