@@ -100,3 +100,78 @@ async fn a_delivery_that_gives_up_falls_back_instead_of_parking() {
     assert_eq!(env.queue_depth(&dead).await, 0);
     env.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recipient_who_unfollowed_gets_the_next_channel_at_once() {
+    let mut env = TestEnv::start().await;
+    // The user unfollows the Official Account (WeChat's `unsubscribe` event).
+    let event = format!(
+        "<xml><ToUserName><![CDATA[gh_demo00000001]]></ToUserName>\
+         <FromUserName><![CDATA[{}]]></FromUserName><CreateTime>{}</CreateTime>\
+         <MsgType><![CDATA[event]]></MsgType><Event><![CDATA[unsubscribe]]></Event></xml>",
+        demo::OPENID,
+        chrono::Utc::now().timestamp() - 5
+    );
+    let attempt = env
+        .stack
+        .sandbox
+        .post_callback(demo::APPID, demo::OPENID, &event)
+        .await
+        .expect("callback URL");
+    assert!(attempt.accepted, "{attempt:?}");
+    let db = env.db().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let row = db
+            .query_opt(
+                "SELECT following FROM recipient_follows WHERE recipient = $1",
+                &[&demo::OPENID],
+            )
+            .await
+            .expect("follow state");
+        if row.is_some_and(|r| !r.get::<_, bool>(0)) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "unfollow not applied"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let request = request("FB-3", &[channels::WECHAT_TEMPLATE, channels::WECOM]);
+    env.publish_request(&herald_contract::encode_json(&request), Some("guest"), None)
+        .await;
+    env.wait_for_status(&request.id, DeliveryState::Queued)
+        .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let deliveries = loop {
+        let view = env.get_message(&request.id).await;
+        let deliveries = view["deliveries"].as_array().cloned().unwrap_or_default();
+        if deliveries.len() == 2
+            && deliveries
+                .iter()
+                .all(|d| matches!(d["state"].as_str(), Some("sent" | "suppressed")))
+        {
+            break deliveries;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not settled: {view}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let template = on(&deliveries, channels::WECHAT_TEMPLATE);
+    assert_eq!(template["state"], "suppressed");
+    assert_eq!(template["last_error_code"], "unsubscribed");
+    assert_eq!(on(&deliveries, channels::WECOM)["state"], "sent");
+    assert!(
+        env.stack
+            .sandbox
+            .requests()
+            .iter()
+            .all(|r| r.path != herald_sandbox::paths::TEMPLATE_SEND),
+        "nothing went to the Official Account"
+    );
+    env.stop().await;
+}

@@ -130,6 +130,24 @@ impl v1::Priority {
     }
 }
 
+impl v1::DeliveryJob {
+    /// The first step of this job's fallback chain as a job of its own (attempt 1), carrying
+    /// the rest of the chain; `None` at the end of the chain.
+    pub fn fallback_job(&self) -> Option<v1::DeliveryJob> {
+        let (next, rest) = self.fallback.split_first()?;
+        Some(v1::DeliveryJob {
+            delivery_id: next.delivery_id.clone(),
+            channel: next.channel.clone(),
+            provider_account: next.provider_account.clone(),
+            recipient: next.recipient.clone(),
+            payload: next.payload.clone(),
+            attempt: 1,
+            fallback: rest.to_vec(),
+            ..self.clone()
+        })
+    }
+}
+
 impl v1::DeliveryState {
     /// The lower-case name used in routing keys, the database and the REST API.
     pub fn name(self) -> &'static str {

@@ -242,16 +242,35 @@ impl Renderer {
         let unfollowed = self.unfollowed(&rendered).await?;
         // plan() renders one delivery per recipient, in order.
         for ((row, job), (_, recipient, profile)) in rendered.into_iter().zip(&reachable) {
-            let decision =
+            let (row, job) =
                 if unfollowed.contains(&(row.provider_account.clone(), row.recipient.clone())) {
-                    Decision::Suppress {
-                        reason: "unsubscribed".into(),
-                        detail: "the recipient has unfollowed the Official Account".into(),
-                    }
+                    planned.push(PlannedDelivery {
+                        delivery: row,
+                        decision: Decision::Suppress {
+                            reason: "unsubscribed".into(),
+                            detail: "the recipient has unfollowed the Official Account".into(),
+                        },
+                    });
+                    // Their next channel, if the request gave one, takes over.
+                    let Some(next) = job.fallback_job() else {
+                        continue;
+                    };
+                    let Ok(id) = Uuid::parse_str(&next.delivery_id) else {
+                        continue;
+                    };
+                    let row = NewDelivery {
+                        id,
+                        channel: next.channel.clone(),
+                        provider_account: next.provider_account.clone(),
+                        recipient: next.recipient.clone(),
+                    };
+                    (row, next)
                 } else {
-                    self.decide(context, &row, &job, recipient, profile.as_deref())
-                        .await?
+                    (row, job)
                 };
+            let decision = self
+                .decide(context, &row, &job, recipient, profile.as_deref())
+                .await?;
             planned.push(PlannedDelivery {
                 delivery: row,
                 decision,

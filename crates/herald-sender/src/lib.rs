@@ -785,18 +785,8 @@ impl Sender {
 
     /// The next step of `job`'s fallback chain as a delivery and its job, carrying the rest.
     fn fallback(&self, job: &DeliveryJob) -> Option<Box<herald_store::Fallback>> {
-        let (next, rest) = job.fallback.split_first()?;
+        let next = job.fallback_job()?;
         let id = Uuid::parse_str(&next.delivery_id).ok()?;
-        let next_job = DeliveryJob {
-            delivery_id: next.delivery_id.clone(),
-            channel: next.channel.clone(),
-            provider_account: next.provider_account.clone(),
-            recipient: next.recipient.clone(),
-            payload: next.payload.clone(),
-            attempt: 1,
-            fallback: rest.to_vec(),
-            ..job.clone()
-        };
         tracing::info!(
             from = %job.channel,
             to = %next.channel,
@@ -809,7 +799,7 @@ impl Sender {
                 provider_account: next.provider_account.clone(),
                 recipient: next.recipient.clone(),
             },
-            job: herald_store::OutboxJob::delivery(self.broker.topology(), &next_job),
+            job: herald_store::OutboxJob::delivery(self.broker.topology(), &next),
         }))
     }
 
