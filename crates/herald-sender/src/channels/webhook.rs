@@ -31,7 +31,7 @@ use serde_json::Value;
 use tracing::Instrument;
 use uuid::Uuid;
 
-use crate::channel::{AlertKind, Attempt, Channel, FailureKind};
+use crate::channel::{Attempt, Channel, FailureKind};
 use crate::limit::RateLimit;
 use crate::meters;
 
@@ -195,23 +195,21 @@ impl Webhooks {
             .get(account_id)
             .filter(|a| !a.secrets.is_empty())
         else {
-            return Attempt::Failed {
-                code: "config".into(),
-                message: format!("no [sender.webhooks.{account_id}] secrets configured"),
-                kind: FailureKind::Config,
-                alert: Some(AlertKind::Config),
-            };
+            return Attempt::failed(
+                "config",
+                format!("no [sender.webhooks.{account_id}] secrets configured"),
+                FailureKind::Config,
+            );
         };
         let shown = target::masked(&job.recipient);
         let url = match target::check_url(&job.recipient, &account.allow) {
             Ok(url) => url,
             Err(TargetError::InvalidUrl(why)) => {
-                return Attempt::Failed {
-                    code: "invalid_url".into(),
-                    message: format!("webhook_url: {why}"),
-                    kind: FailureKind::Recipient,
-                    alert: None,
-                };
+                return Attempt::failed(
+                    "invalid_url",
+                    format!("webhook_url: {why}"),
+                    FailureKind::Recipient,
+                );
             }
             Err(TargetError::Refused(refused)) => return ssrf_refused(&refused),
         };
@@ -295,12 +293,7 @@ impl Webhooks {
             },
             Outcome::Permanent(kind) => {
                 tracing::info!(%shown, status, "webhook refused by its receiver");
-                Attempt::Failed {
-                    code,
-                    message,
-                    kind,
-                    alert: (kind == FailureKind::Unknown).then_some(AlertKind::UnknownCode),
-                }
+                Attempt::failed(code, message, kind)
             }
         }
     }
@@ -310,12 +303,11 @@ impl Webhooks {
 fn ssrf_refused(refused: &herald_webhook::Refused) -> Attempt {
     meters::provider_answer(PROVIDER, "ssrf_refused");
     tracing::warn!(host = %refused.host, address = %refused.address, "webhook target refused (SSRF guard)");
-    Attempt::Failed {
-        code: "ssrf_refused".into(),
-        message: format!("refused target: {refused}; allow-list it in [sender.webhooks] allow"),
-        kind: FailureKind::Recipient,
-        alert: None,
-    }
+    Attempt::failed(
+        "ssrf_refused",
+        format!("refused target: {refused}; allow-list it in [sender.webhooks] allow"),
+        FailureKind::Recipient,
+    )
 }
 
 impl Channel for Webhooks {
