@@ -32,7 +32,7 @@ use serde_json::Value;
 use tracing::Instrument;
 use uuid::Uuid;
 
-use crate::channel::{AlertKind, Attempt, Channel, FailureKind};
+use crate::channel::{Attempt, Channel, FailureKind};
 use crate::meters;
 
 /// The header carrying the delivery id (the `Message-ID` carries it too).
@@ -337,26 +337,24 @@ impl Email {
 
     async fn attempt(&self, job: &DeliveryJob, delivery_id: Uuid) -> Attempt {
         let Some(account) = self.accounts.get(&job.provider_account) else {
-            return Attempt::Failed {
-                code: "config".into(),
-                message: format!(
+            return Attempt::failed(
+                "config",
+                format!(
                     "no [sender.smtp.{}] configured for this account",
                     job.provider_account
                 ),
-                kind: FailureKind::Config,
-                alert: Some(AlertKind::Config),
-            };
+                FailureKind::Config,
+            );
         };
         let masked = mask_address(&job.recipient);
         let to: Address = match job.recipient.parse() {
             Ok(to) => to,
             Err(e) => {
-                return Attempt::Failed {
-                    code: "address".into(),
-                    message: format!("recipient {masked}: {e}"),
-                    kind: FailureKind::Recipient,
-                    alert: None,
-                };
+                return Attempt::failed(
+                    "address",
+                    format!("recipient {masked}: {e}"),
+                    FailureKind::Recipient,
+                );
             }
         };
         let payload = job
@@ -367,12 +365,7 @@ impl Email {
         let message = match build_message(&account.from, to, &payload, delivery_id) {
             Ok(message) => message,
             Err(why) => {
-                return Attempt::Failed {
-                    code: "payload".into(),
-                    message: why,
-                    kind: FailureKind::Template,
-                    alert: Some(AlertKind::Template),
-                };
+                return Attempt::failed("payload", why, FailureKind::Template);
             }
         };
         let started = std::time::Instant::now();
@@ -423,17 +416,7 @@ impl Email {
                 message: text,
                 provider_down,
             },
-            Outcome::Permanent(kind) => Attempt::Failed {
-                code,
-                message: text,
-                kind,
-                alert: match kind {
-                    FailureKind::Config => Some(AlertKind::Config),
-                    FailureKind::Template => Some(AlertKind::Template),
-                    FailureKind::Unknown => Some(AlertKind::UnknownCode),
-                    FailureKind::Recipient => None,
-                },
-            },
+            Outcome::Permanent(kind) => Attempt::failed(code, text, kind),
         }
     }
 }
