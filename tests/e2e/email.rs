@@ -2,8 +2,9 @@
 //! `tests/smtp/sink.py`, which records every RCPT and message and refuses `nobody@…` (550) and
 //! the first RCPT to `busy@…` (451). The demo template arrives as text and HTML alternatives
 //! with the HTML escaped, a refused recipient fails after one RCPT, a busy one is retried and
-//! sent once, a server that is down is retried and counted by the breaker, and refused
-//! credentials are a configuration failure.
+//! sent once, a server that is down is retried and counted by the breaker, refused
+//! credentials are a configuration failure, and STARTTLS and implicit TLS reach a server whose
+//! certificate a configured private CA signed (and fail as configuration without it).
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -112,6 +113,11 @@ impl Sink {
         Self { child, port, out }
     }
 
+    /// The private CA's certificate the sink made for `--tls starttls|implicit`.
+    fn ca_file(&self) -> String {
+        format!("{}.ca.pem", self.out.display())
+    }
+
     /// Everything recorded so far.
     fn events(&self) -> Vec<Value> {
         std::fs::read_to_string(&self.out)
@@ -163,6 +169,7 @@ impl Drop for Sink {
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_file(&self.out);
+        let _ = std::fs::remove_file(self.ca_file());
     }
 }
 
@@ -342,6 +349,70 @@ async fn a_server_that_is_down_is_retried_and_opens_the_breaker() {
     env.stop().await;
 }
 
+fn job(delivery_id: uuid::Uuid, account: &str) -> herald_contract::v1::DeliveryJob {
+    herald_contract::decode_json(
+        json!({
+            "delivery_id": delivery_id.to_string(),
+            "channel": channels::EMAIL,
+            "provider_account": account,
+            "recipient": "li.lei@shop.example",
+            "payload": {"subject": "s", "text": "t"},
+        })
+        .to_string()
+        .as_bytes(),
+    )
+    .expect("job decodes")
+}
+
+/// The channel alone against the real server over TLS: the sink's certificate (for
+/// `localhost`) is signed by a CA of its own, which `ca_file` trusts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn starttls_and_implicit_tls_reach_a_server_of_a_private_ca() {
+    for (mode, tls) in [
+        ("starttls", SmtpTls::Starttls),
+        ("implicit", SmtpTls::Implicit),
+    ] {
+        let sink = Sink::start_with(&["--tls", mode]);
+        let settings = |ca_file: Option<String>| SmtpSettings {
+            host: "localhost".into(),
+            tls,
+            ca_file,
+            ..smtp(sink.port)
+        };
+        let email = Email::new(
+            &[
+                ("trusted".to_string(), settings(Some(sink.ca_file()))),
+                ("untrusted".to_string(), settings(None)),
+            ]
+            .into(),
+        )
+        .expect("builds");
+        let delivery_id = uuid::Uuid::now_v7();
+        assert_eq!(
+            email.send(&job(delivery_id, "trusted"), delivery_id).await,
+            Attempt::Sent(format!("<{delivery_id}@herald>")),
+            "{mode}"
+        );
+        assert_eq!(sink.messages_to("li.lei@shop.example").len(), 1, "{mode}");
+
+        let delivery_id = uuid::Uuid::now_v7();
+        match email
+            .send(&job(delivery_id, "untrusted"), delivery_id)
+            .await
+        {
+            Attempt::Failed { code, kind, .. } => {
+                assert_eq!(
+                    (code.as_str(), kind),
+                    ("tls", FailureKind::Config),
+                    "{mode}"
+                );
+            }
+            other => panic!("{mode}: an untrusted certificate must fail as config: {other:?}"),
+        }
+        assert_eq!(sink.messages_to("li.lei@shop.example").len(), 1, "{mode}");
+    }
+}
+
 /// The channel alone against the real server: refused credentials (535) fail the delivery as
 /// configuration, with an alert, and nothing is sent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -354,19 +425,10 @@ async fn refused_credentials_are_a_configuration_failure() {
     };
     let email = Email::new(&[("shop-mail".to_string(), account)].into()).expect("builds");
     let delivery_id = uuid::Uuid::now_v7();
-    let job: herald_contract::v1::DeliveryJob = herald_contract::decode_json(
-        json!({
-            "delivery_id": delivery_id.to_string(),
-            "channel": channels::EMAIL,
-            "provider_account": "shop-mail",
-            "recipient": "li.lei@shop.example",
-            "payload": {"subject": "s", "text": "t"},
-        })
-        .to_string()
-        .as_bytes(),
-    )
-    .expect("job decodes");
-    match email.send(&job, delivery_id).await {
+    match email
+        .send(&job(delivery_id, "shop-mail"), delivery_id)
+        .await
+    {
         Attempt::Failed {
             code, kind, alert, ..
         } => {

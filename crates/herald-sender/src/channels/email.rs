@@ -23,7 +23,7 @@ use herald_contract::v1::DeliveryJob;
 use lettre::message::header::{HeaderName, HeaderValue};
 use lettre::message::{Mailbox, MultiPart, SinglePart};
 use lettre::transport::smtp::authentication::Credentials;
-use lettre::transport::smtp::client::{Tls, TlsParameters};
+use lettre::transport::smtp::client::{Certificate, Tls, TlsParameters};
 use lettre::transport::smtp::extension::ClientId;
 use lettre::transport::smtp::{Error as SmtpError, PoolConfig};
 use lettre::{Address, AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
@@ -78,6 +78,9 @@ pub struct SmtpSettings {
     pub from: String,
     /// The name given in `EHLO`; default: this host's name.
     pub hello_name: Option<String>,
+    /// A PEM file with a private CA's certificate to trust besides the platform's roots (a
+    /// relay inside the company network).
+    pub ca_file: Option<String>,
     /// Idle connections kept open to the server.
     pub pool_size: u32,
     /// Bound on connecting and on each SMTP command.
@@ -94,6 +97,7 @@ impl Default for SmtpSettings {
             password: None,
             from: String::new(),
             hello_name: None,
+            ca_file: None,
             pool_size: 4,
             timeout_ms: 30_000,
         }
@@ -110,6 +114,7 @@ impl std::fmt::Debug for SmtpSettings {
             .field("password", &self.password.as_ref().map(|_| "***"))
             .field("from", &self.from)
             .field("hello_name", &self.hello_name)
+            .field("ca_file", &self.ca_file)
             .field("pool_size", &self.pool_size)
             .field("timeout_ms", &self.timeout_ms)
             .finish()
@@ -276,7 +281,15 @@ impl Account {
         let tls = match settings.tls {
             SmtpTls::None => Tls::None,
             SmtpTls::Starttls | SmtpTls::Implicit => {
-                let parameters = TlsParameters::builder(settings.host.clone())
+                let mut parameters = TlsParameters::builder(settings.host.clone());
+                if let Some(file) = &settings.ca_file {
+                    let pem = std::fs::read(file)
+                        .map_err(|e| format!("{}: `{file}`: {e}", at("ca_file")))?;
+                    let certificate = Certificate::from_pem(&pem)
+                        .map_err(|e| format!("{}: `{file}`: {e}", at("ca_file")))?;
+                    parameters = parameters.add_root_certificate(certificate);
+                }
+                let parameters = parameters
                     .build_rustls()
                     .map_err(|e| format!("{}: {e}", at("tls")))?;
                 if settings.tls == SmtpTls::Implicit {
