@@ -195,3 +195,32 @@ async fn a_robot_of_another_tenant_is_refused_by_name() {
     assert!(detail.contains("recipients[0].dingtalk_robot"), "{detail}");
     env.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wecom_group_robot_gets_the_wecom_variant() {
+    let mut env = TestEnv::start().await;
+    let request = request(
+        "RB-5",
+        channels::WECOM_ROBOT,
+        vec![Recipient {
+            wecom_robot: seed::WECOM_ROBOT.into(),
+            ..Default::default()
+        }],
+    );
+    publish(&env, &request).await;
+    env.wait_for_status(&request.id, DeliveryState::Sent).await;
+    let messages = env.stack.sandbox.robot_messages();
+    let robot = messages
+        .iter()
+        .find(|m| m.kind == herald_sandbox::RobotKind::Wecom)
+        .expect("a WeCom robot message");
+    assert_eq!(robot.body["msgtype"], "markdown");
+    assert!(
+        robot.body["markdown"]["content"]
+            .as_str()
+            .is_some_and(|c| c.starts_with("**Order RB-5 shipped**")),
+        "{}",
+        robot.body
+    );
+    env.stop().await;
+}

@@ -49,6 +49,8 @@ pub mod channels {
     pub const WECHAT_SUBSCRIBE: &str = "wechat.subscribe";
     /// WeCom (企业微信) application messages.
     pub const WECOM: &str = "wecom";
+    /// WeCom group robots (群机器人): text and markdown from the `wecom` template variant.
+    pub const WECOM_ROBOT: &str = "wecom.robot";
     /// DingTalk custom group robots.
     pub const DINGTALK: &str = "dingtalk";
     /// Feishu (Lark) custom group robots.
@@ -62,6 +64,7 @@ pub mod channels {
         WECHAT_TEMPLATE,
         WECHAT_SUBSCRIBE,
         WECOM,
+        WECOM_ROBOT,
         DINGTALK,
         FEISHU,
         EMAIL,

@@ -51,6 +51,7 @@ pub fn validate(request: &NotificationRequest) -> Result<(), FieldError> {
             &r.webhook_url,
             &r.dingtalk_robot,
             &r.feishu_robot,
+            &r.wecom_robot,
         ]
         .iter()
         .any(|a| !a.is_empty());

@@ -289,7 +289,7 @@ impl Renderer {
                 .iter()
                 .filter(|channel| {
                     channels::ALL.contains(&channel.as_str())
-                        && definition.channel_names().contains(&channel.as_str())
+                        && definition.channel_names().contains(&variant_of(channel))
                         && address_for(recipient, channel).is_some()
                 })
                 .collect();
@@ -309,7 +309,21 @@ impl Renderer {
                         recipient,
                         channel,
                         |account| {
-                            template.render(channel, account, &template_ref.locale, &variables)
+                            let payload = template.render(
+                                variant_of(channel),
+                                account,
+                                &template_ref.locale,
+                                &variables,
+                            )?;
+                            if channel.as_str() == channels::WECOM_ROBOT
+                                && payload["msgtype"] == "textcard"
+                            {
+                                return Err(RenderError::new(
+                                    "channels.wecom.msgtype",
+                                    "a WeCom group robot takes text or markdown, not textcard",
+                                ));
+                            }
+                            Ok(payload)
                         },
                     )
                     .await?;
@@ -422,7 +436,19 @@ impl Renderer {
 
 /// Group robots: the recipient names the robot, which is also the sending account.
 fn is_robot(channel: &str) -> bool {
-    matches!(channel, channels::DINGTALK | channels::FEISHU)
+    matches!(
+        channel,
+        channels::WECOM_ROBOT | channels::DINGTALK | channels::FEISHU
+    )
+}
+
+/// The template variant a channel renders: WeCom group robots take the `wecom` variant's
+/// text and markdown bodies.
+fn variant_of(channel: &str) -> &str {
+    match channel {
+        channels::WECOM_ROBOT => channels::WECOM,
+        other => other,
+    }
 }
 
 fn address_for<'a>(
@@ -432,6 +458,7 @@ fn address_for<'a>(
     let address = match channel {
         channels::WECHAT_TEMPLATE | channels::WECHAT_SUBSCRIBE => recipient.wechat_openid.as_str(),
         channels::WECOM => recipient.wecom_userid.as_str(),
+        channels::WECOM_ROBOT => recipient.wecom_robot.as_str(),
         channels::DINGTALK => recipient.dingtalk_robot.as_str(),
         channels::FEISHU => recipient.feishu_robot.as_str(),
         channels::EMAIL => recipient.email.as_str(),

@@ -49,6 +49,8 @@ pub mod paths {
     pub const SUBSCRIBE_BIZSEND: &str = "/cgi-bin/message/subscribe/bizsend";
     /// Mini program subscribe messages.
     pub const SUBSCRIBE_SEND: &str = "/cgi-bin/message/subscribe/send";
+    /// WeCom group robots (`?key=`).
+    pub const WECOM_ROBOT: &str = "/cgi-bin/webhook/send";
     /// DingTalk custom robots (`?access_token=&timestamp=&sign=`).
     pub const DINGTALK_ROBOT: &str = "/robot/send";
     /// Feishu custom robots; the hook's token follows.
@@ -152,6 +154,7 @@ impl Sandbox {
             .route(paths::SUBSCRIBE_BIZSEND, post(subscribe::bizsend))
             .route(paths::SUBSCRIBE_SEND, post(subscribe::miniprogram_send))
             .route(paths::DINGTALK_ROBOT, post(robots::dingtalk))
+            .route(paths::WECOM_ROBOT, post(robots::wecom))
             .route(paths::WECOM_GETTOKEN, get(wecom::gettoken))
             .route(paths::WECOM_MESSAGE_SEND, post(wecom::send))
             .route(

@@ -1,8 +1,9 @@
-//! DingTalk and Feishu custom group robots: `POST /robot/send?access_token=&timestamp=&sign=`
-//! and `POST /open-apis/bot/v2/hook/{token}`, each verifying its own signature scheme (they
-//! differ: ../shared/WECHAT.md), its keyword check, its message shapes and its rate limits
-//! (DingTalk: 20 a minute, then 130101 and a 10-minute block; Feishu: 5 a second and 100 a
-//! minute, then HTTP 400 with code 9499).
+//! Group robots: WeCom's `POST /cgi-bin/webhook/send?key=`, DingTalk's
+//! `POST /robot/send?access_token=&timestamp=&sign=` and Feishu's
+//! `POST /open-apis/bot/v2/hook/{token}`, each with its own signature scheme (WeCom has none;
+//! DingTalk's and Feishu's differ: ../shared/WECHAT.md), keyword check, message shapes and
+//! rate limits (WeCom: 20 a minute, then 45009; DingTalk: 20 a minute, then 130101 and a
+//! 10-minute block; Feishu: 5 a second and 100 a minute, then HTTP 400 with code 9499).
 
 use std::collections::{HashMap, VecDeque};
 
@@ -38,6 +39,7 @@ pub struct SandboxRobot {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum RobotKind {
+    Wecom,
     Dingtalk,
     Feishu,
 }
@@ -46,6 +48,12 @@ impl SandboxRobot {
     /// The demo robots the dev stack is wired to.
     pub fn demo() -> Vec<Self> {
         vec![
+            Self {
+                kind: RobotKind::Wecom,
+                token: "demo-wecom-robot-key".into(),
+                secret: None,
+                keywords: vec![],
+            },
             Self {
                 kind: RobotKind::Dingtalk,
                 token: "demo-dingtalk-robot".into(),
@@ -275,6 +283,74 @@ pub(crate) async fn dingtalk(
     record(
         &mut state.robots,
         RobotKind::Dingtalk,
+        &robot.token,
+        Value::Object(message),
+        now,
+    );
+    sandbox.inner.requests_changed.send_modify(|n| *n += 1);
+    Json(json!({"errcode": 0, "errmsg": "ok"})).into_response()
+}
+
+#[derive(Deserialize)]
+pub(crate) struct WecomQuery {
+    #[serde(default)]
+    key: String,
+}
+
+/// `POST /cgi-bin/webhook/send?key=`.
+pub(crate) async fn wecom(
+    State(sandbox): State<Sandbox>,
+    Query(query): Query<WecomQuery>,
+    body: Bytes,
+) -> Response {
+    if let Some(err) = sandbox.take_injected(crate::paths::WECOM_ROBOT) {
+        return dingtalk_error(err.code, &err.to_string());
+    }
+    let now = sandbox.clock().now();
+    let mut state = sandbox.lock();
+    let state = &mut *state;
+    let Some(robot) = state
+        .robot_configs
+        .get(&query.key)
+        .filter(|r| r.kind == RobotKind::Wecom)
+        .cloned()
+    else {
+        return dingtalk_error(93000, "invalid webhook url");
+    };
+    let Ok(Value::Object(message)) = serde_json::from_slice::<Value>(&body) else {
+        return dingtalk_error(40008, "invalid message type");
+    };
+    let content = |kind: &str| {
+        message
+            .get(kind)
+            .and_then(|m| m.get("content"))
+            .and_then(Value::as_str)
+            .map(str::len)
+    };
+    let msgtype = message.get("msgtype").and_then(Value::as_str).unwrap_or("");
+    let too_long = match (msgtype, content("text"), content("markdown")) {
+        ("text", Some(len), _) => len > 2048,
+        ("markdown", _, Some(len)) => len > 4096,
+        ("text" | "markdown", _, _) => return dingtalk_error(44004, "empty content"),
+        ("image" | "news" | "file" | "template_card", _, _) => false,
+        _ => return dingtalk_error(40008, "invalid message type"),
+    };
+    if too_long {
+        return dingtalk_error(40058, "content exceed max length");
+    }
+    if admit(
+        &mut state.robots,
+        &robot.token,
+        now,
+        &[(TimeDelta::minutes(1), 20)],
+    )
+    .is_err()
+    {
+        return dingtalk_error(45009, "api freq out of limit");
+    }
+    record(
+        &mut state.robots,
+        RobotKind::Wecom,
         &robot.token,
         Value::Object(message),
         now,

@@ -71,6 +71,13 @@ impl HeraldConfig {
         // The sandbox's demo robots (the Stack points them at its own address).
         for robot in herald_sandbox::SandboxRobot::demo() {
             let (id, url) = match robot.kind {
+                herald_sandbox::RobotKind::Wecom => (
+                    demo::WECOM_ROBOT,
+                    format!(
+                        "http://127.0.0.1:8099/cgi-bin/webhook/send?key={}",
+                        robot.token
+                    ),
+                ),
                 herald_sandbox::RobotKind::Dingtalk => (
                     demo::DINGTALK_ROBOT,
                     format!(

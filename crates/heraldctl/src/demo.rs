@@ -20,6 +20,7 @@ pub const WECOM_CORPID: &str = "wwdemo0000000001";
 pub const WECOM_AGENT_ID: u32 = 1_000_002;
 pub const WECOM_USERID: &str = "zhangsan";
 /// The demo group robots (the sandbox's demo robots).
+pub const WECOM_ROBOT: &str = "demo-wecom-robot";
 pub const DINGTALK_ROBOT: &str = "demo-dingtalk";
 pub const FEISHU_ROBOT: &str = "demo-feishu";
 /// The demo SMTP account: a relay on 127.0.0.1:2525 without TLS (any local sink, e.g.
@@ -62,6 +63,7 @@ pub async fn seed(store: &Store, amqp_user: &str) -> Result<(), herald_store::St
     use herald_contract::channels;
     for (id, kind, channel, app_id) in [
         (WECOM_ACCOUNT, "wecom_app", channels::WECOM, WECOM_CORPID),
+        (WECOM_ROBOT, "wecom_robot", channels::WECOM_ROBOT, ""),
         (DINGTALK_ROBOT, "dingtalk_robot", channels::DINGTALK, ""),
         (FEISHU_ROBOT, "feishu_robot", channels::FEISHU, ""),
         (EMAIL_ACCOUNT, "smtp", channels::EMAIL, ""),

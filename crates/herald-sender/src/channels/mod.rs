@@ -39,6 +39,11 @@ pub fn build(
             wechat::Api::Subscribe,
         ))),
         channels::WECOM => Ok(Arc::new(wecom::Wecom::new(shared.clone(), settings))),
+        channels::WECOM_ROBOT => Ok(Arc::new(robots::Robots::new(
+            shared.http.clone(),
+            robots::Kind::Wecom,
+            settings.robots.clone(),
+        ))),
         channels::DINGTALK => Ok(Arc::new(robots::Robots::new(
             shared.http.clone(),
             robots::Kind::Dingtalk,

@@ -1,4 +1,5 @@
-//! DingTalk and Feishu (Lark) custom group robots: a signed POST to the robot's webhook.
+//! Group robots of WeCom, DingTalk and Feishu (Lark): a POST (signed for DingTalk and Feishu)
+//! to the robot's webhook.
 //!
 //! The two signing schemes differ (../shared/WECHAT.md): DingTalk signs `timestamp_ms + "\n" +
 //! secret` with the secret as HMAC key and sends the signature URL-encoded in the query;
@@ -68,6 +69,8 @@ pub fn feishu_sign(timestamp_s: i64, secret: &str) -> String {
 /// Which robot protocol.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
+    /// WeCom group robots: the key in the URL is the only credential.
+    Wecom,
     Dingtalk,
     Feishu,
 }
@@ -75,6 +78,7 @@ pub enum Kind {
 impl Kind {
     fn provider(self) -> &'static str {
         match self {
+            Kind::Wecom => "wecom",
             Kind::Dingtalk => "dingtalk",
             Kind::Feishu => "feishu",
         }
@@ -96,6 +100,21 @@ pub fn classify_dingtalk(errcode: i64, errmsg: &str) -> Outcome {
         300001 | 300005 | 400013 => Outcome::Permanent(FailureKind::Config),
         // A malformed message (wrong msgtype or field).
         40035 | 43005 | 430102 => Outcome::Permanent(FailureKind::Template),
+        _ => Outcome::Permanent(FailureKind::Unknown),
+    }
+}
+
+/// WeCom group robot answer codes.
+pub fn classify_wecom(errcode: i64) -> Outcome {
+    match errcode {
+        0 => Outcome::Sent,
+        -1 => Outcome::Retry,
+        // Over 20 messages a minute: wait the minute out.
+        45009 => Outcome::Defer(Duration::from_secs(60)),
+        // The key is wrong or the robot was removed from its group.
+        93000 | 93004 => Outcome::Permanent(FailureKind::Config),
+        // Markdown over 4096 bytes, text over 2048, a malformed message.
+        40058 | 40008 | 44004 => Outcome::Permanent(FailureKind::Template),
         _ => Outcome::Permanent(FailureKind::Unknown),
     }
 }
@@ -172,7 +191,8 @@ impl Robots {
                 }
                 self.http.post(&robot.url)
             }
-            (_, None) => self.http.post(&robot.url),
+            // WeCom robots are not signed; robots without a secret trust their URL alone.
+            (Kind::Wecom, _) | (_, None) => self.http.post(&robot.url),
         };
         request = request.json(&body);
         for (name, value) in herald_telemetry::trace_headers() {
@@ -214,7 +234,7 @@ impl Robots {
         let answer: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
         // Feishu answers some errors (rate limits) with HTTP 400 and a JSON code.
         let (code, message) = match self.kind {
-            Kind::Dingtalk => (
+            Kind::Wecom | Kind::Dingtalk => (
                 answer.get("errcode").and_then(Value::as_i64),
                 answer.get("errmsg").and_then(Value::as_str),
             ),
@@ -241,6 +261,7 @@ impl Robots {
         tracing::Span::current().record("herald.provider.errcode", code);
         meters::provider_answer(provider, &code.to_string());
         let outcome = match self.kind {
+            Kind::Wecom => classify_wecom(code),
             Kind::Dingtalk => classify_dingtalk(code, &message),
             Kind::Feishu => classify_feishu(code),
         };
@@ -267,6 +288,7 @@ impl Robots {
 impl Channel for Robots {
     fn name(&self) -> &'static str {
         match self.kind {
+            Kind::Wecom => herald_contract::channels::WECOM_ROBOT,
             Kind::Dingtalk => herald_contract::channels::DINGTALK,
             Kind::Feishu => herald_contract::channels::FEISHU,
         }
@@ -276,11 +298,11 @@ impl Channel for Robots {
         self.kind.provider()
     }
 
-    /// DingTalk: 20 messages a minute per robot. Feishu: 100 a minute and 5 a second: a burst
+    /// WeCom and DingTalk: 20 messages a minute per robot. Feishu: 100 a minute and 5 a second: a burst
     /// of 5, then 95 more spread over the minute, so no minute holds more than 100.
     fn default_rate_limit(&self) -> Option<RateLimit> {
         Some(match self.kind {
-            Kind::Dingtalk => RateLimit {
+            Kind::Wecom | Kind::Dingtalk => RateLimit {
                 per_second: 20.0 / 60.0,
                 burst: 1,
             },
@@ -355,6 +377,19 @@ mod tests {
 
     #[test]
     fn answer_tables() {
+        assert_eq!(classify_wecom(0), Outcome::Sent);
+        assert_eq!(
+            classify_wecom(45009),
+            Outcome::Defer(Duration::from_secs(60))
+        );
+        assert_eq!(
+            classify_wecom(93000),
+            Outcome::Permanent(FailureKind::Config)
+        );
+        assert_eq!(
+            classify_wecom(40058),
+            Outcome::Permanent(FailureKind::Template)
+        );
         assert_eq!(classify_dingtalk(0, "ok"), Outcome::Sent);
         assert_eq!(
             classify_dingtalk(130101, "send too fast"),
