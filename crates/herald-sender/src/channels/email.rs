@@ -25,6 +25,7 @@ use lettre::message::{Mailbox, MultiPart, SinglePart};
 use lettre::transport::smtp::authentication::Credentials;
 use lettre::transport::smtp::client::{Certificate, Tls, TlsParameters};
 use lettre::transport::smtp::extension::ClientId;
+use lettre::transport::smtp::response::Response;
 use lettre::transport::smtp::{Error as SmtpError, PoolConfig};
 use lettre::{Address, AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 use serde::{Deserialize, Serialize};
@@ -81,7 +82,8 @@ pub struct SmtpSettings {
     /// A PEM file with a private CA's certificate to trust besides the platform's roots (a
     /// relay inside the company network).
     pub ca_file: Option<String>,
-    /// Idle connections kept open to the server.
+    /// Connections open to the server at once (sends beyond wait for one), and idle ones kept
+    /// for reuse: relays cap a client's concurrent connections (Exchange Online: 3).
     pub pool_size: u32,
     /// Bound on connecting and on each SMTP command.
     pub timeout_ms: u64,
@@ -264,6 +266,8 @@ pub fn build_message(
 /// One account's pooled transport and sender.
 struct Account {
     transport: AsyncSmtpTransport<Tokio1Executor>,
+    /// lettre's pool bounds idle connections only: this bounds open ones.
+    connections: tokio::sync::Semaphore,
     from: Mailbox,
     host: String,
 }
@@ -326,9 +330,19 @@ impl Account {
         }
         Ok(Self {
             transport: builder.build(),
+            connections: tokio::sync::Semaphore::new(
+                usize::try_from(settings.pool_size.max(1)).unwrap_or(1),
+            ),
             from,
             host: settings.host.clone(),
         })
+    }
+
+    /// Sends over one of at most `pool_size` connections.
+    async fn send(&self, message: Message) -> Result<Response, SmtpError> {
+        // The semaphore is never closed, so the permit always comes.
+        let _permit = self.connections.acquire().await.ok();
+        self.transport.send(message).await
     }
 }
 
@@ -383,7 +397,6 @@ impl Email {
         };
         let started = std::time::Instant::now();
         let sent = account
-            .transport
             .send(message)
             .instrument(tracing::info_span!(
                 "SMTP",
@@ -595,6 +608,74 @@ mod tests {
             ..Default::default()
         };
         assert!(Account::new("shop", &half_credentials).is_err());
+    }
+
+    /// A server that accepts connections and never answers: each send holds its connection
+    /// (until the server closes it), so a third send waits for one of the first two.
+    #[tokio::test]
+    async fn connections_at_once_are_capped_by_the_pool_size() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let (accepted, mut connections) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let _ = accepted.send(stream);
+            }
+        });
+        let account = std::sync::Arc::new(
+            Account::new(
+                "capped",
+                &SmtpSettings {
+                    host: "127.0.0.1".into(),
+                    port: Some(port),
+                    tls: SmtpTls::None,
+                    from: "no-reply@shop.example".into(),
+                    pool_size: 2,
+                    timeout_ms: 20_000,
+                    ..Default::default()
+                },
+            )
+            .expect("builds"),
+        );
+        let message = build_message(
+            &from(),
+            to(),
+            &json!({"subject": "s", "text": "t"}),
+            Uuid::now_v7(),
+        )
+        .expect("builds");
+        let sends: Vec<_> = (0..3)
+            .map(|_| {
+                let (account, message) = (account.clone(), message.clone());
+                tokio::spawn(async move { account.send(message).await })
+            })
+            .collect();
+        async fn next(
+            connections: &mut tokio::sync::mpsc::UnboundedReceiver<tokio::net::TcpStream>,
+        ) -> tokio::net::TcpStream {
+            tokio::time::timeout(Duration::from_secs(10), connections.recv())
+                .await
+                .expect("a connection in time")
+                .expect("listener running")
+        }
+        let first = next(&mut connections).await;
+        let second = next(&mut connections).await;
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), connections.recv())
+                .await
+                .is_err(),
+            "a third connection while two are open"
+        );
+        // The server hangs up on the first: that send fails and the third one connects.
+        drop(first);
+        let third = next(&mut connections).await;
+        drop((second, third));
+        for send in sends {
+            let result = send.await.expect("send task");
+            assert!(result.is_err(), "nothing was sent: {result:?}");
+        }
     }
 
     /// A server speaking plain SMTP to a client expecting implicit TLS: the handshake fails,
