@@ -1295,3 +1295,32 @@ async fn the_status_api_finds_messages_by_recipient_with_pages() {
     assert_eq!(theirs["messages"].as_array().map(Vec::len), Some(0));
     env.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_status_webhook_secret_of_ones_own_must_be_whsec_and_long_enough() {
+    let env = TestEnv::start().await;
+    let put = |secret: &'static str| {
+        env.http
+            .put(format!("{}/v1/webhooks/status", env.stack.ingress_url))
+            .bearer_auth(demo::API_KEY)
+            .json(&json!({ "url": "https://hooks.example.com/herald", "secret": secret }))
+            .send()
+    };
+    for bad in [
+        "whsec_c2hvcnQ=",                                   // 5 bytes
+        "c2VjcmV0LXdpdGhvdXQtdGhlLXByZWZpeC0wMTIzNDU2Nzg5", // no prefix
+        "whsec_not base64!",
+    ] {
+        let response = put(bad).await.expect("ingress answers");
+        assert_eq!(response.status(), 400, "{bad}");
+        let body: Value = response.json().await.expect("json");
+        assert!(body.to_string().contains("secret"), "{body}");
+    }
+    // 32 bytes: accepted as given.
+    let good = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSwMfKQ9r8GKYo=";
+    let response = put(good).await.expect("ingress answers");
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.expect("json");
+    assert_eq!(body["secret"], good);
+    env.stop().await;
+}

@@ -166,11 +166,13 @@ pub(crate) async fn put_webhook(
     }
     let secret = match request.secret {
         Some(secret) => {
-            let key = secret
-                .strip_prefix("whsec_")
-                .and_then(|b64| base64::engine::general_purpose::STANDARD.decode(b64).ok())
-                .unwrap_or_default();
-            if key.len() < 24 {
+            // The one parser the status webhook dispatcher signs with.
+            let key_len = secret
+                .starts_with("whsec_")
+                .then(|| herald_webhook::Secret::parse(&secret).ok())
+                .flatten()
+                .map_or(0, |key| key.key().len());
+            if key_len < 24 {
                 return Err(field_error(
                     "secret",
                     "must be `whsec_` and the base64 of at least 24 random bytes",
