@@ -425,3 +425,35 @@ async fn concurrent_runs_do_not_see_each_others_messages() {
     a.stop().await;
     b.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amqp_reuse_of_an_idempotency_key_by_another_request_is_parked_not_dropped() {
+    let mut env = TestEnv::start().await;
+    let mut first = demo_request_json(demo::OPENID, "IK-1");
+    first["idempotencyKey"] = Value::String("order-IK".into());
+    let first_id = uuid::Uuid::now_v7().to_string();
+    first["id"] = Value::String(first_id.clone());
+    env.publish_request(first.to_string().as_bytes(), Some("guest"), None)
+        .await;
+    env.wait_for_status(&first_id, DeliveryState::Queued).await;
+
+    // The same bytes again: a producer's retried publish, processed idempotently (no park).
+    env.publish_request(first.to_string().as_bytes(), Some("guest"), None)
+        .await;
+    // Another request under the same key: parked with the reason, never silently dropped.
+    let mut other = demo_request_json(demo::OPENID, "IK-2");
+    other["idempotencyKey"] = Value::String("order-IK".into());
+    other["id"] = Value::String(uuid::Uuid::now_v7().to_string());
+    env.publish_request(other.to_string().as_bytes(), Some("guest"), None)
+        .await;
+    let dead = env.next_dead_letter().await;
+    let table = dead.properties.headers().clone();
+    assert_eq!(
+        herald_amqp::header_str(table.as_ref(), headers::DEAD_REASON),
+        Some("idempotency_conflict")
+    );
+    assert_eq!(dead.data, other.to_string().as_bytes());
+    let view = env.get_message(&first_id).await;
+    assert_eq!(view["deliveries"].as_array().map(Vec::len), Some(1));
+    env.stop().await;
+}

@@ -75,7 +75,14 @@ enum Failure {
 
 impl From<herald_store::StoreError> for Failure {
     fn from(error: herald_store::StoreError) -> Self {
-        Failure::Transient(error.to_string())
+        match error {
+            // Another request under a key already used: park it, naming why (REST answers 409).
+            herald_store::StoreError::IdempotencyConflict => Failure::Poison {
+                reason: "idempotency_conflict",
+                detail: "idempotencyKey: already used by another request of this tenant".into(),
+            },
+            error => Failure::Transient(error.to_string()),
+        }
     }
 }
 

@@ -191,16 +191,20 @@ impl Store {
             return Ok(record);
         }
         // Not inserted and not under this id: the idempotency key names an earlier message,
-        // which is the one to process (idempotently) instead.
+        // which is the one to process (idempotently) instead — unless this is another request
+        // reusing the key, which must not vanish silently.
         let row = self
             .client()
             .await?
             .query_opt(
-                "SELECT id FROM messages WHERE tenant_id = $1 AND idempotency_key = $2",
+                "SELECT id, request_hash FROM messages WHERE tenant_id = $1 AND idempotency_key = $2",
                 &[&message.tenant_id, &message.idempotency_key],
             )
             .await?
             .ok_or_else(|| StoreError::NotFound(format!("message {}", message.id)))?;
+        if row.get::<_, Vec<u8>>(1) != message.request_hash {
+            return Err(StoreError::IdempotencyConflict);
+        }
         self.message(row.get(0))
             .await?
             .ok_or_else(|| StoreError::NotFound(format!("message {}", message.id)))
