@@ -108,48 +108,15 @@ impl Store {
         tenant: &str,
         deliveries: &[NewDelivery],
     ) -> Result<(), StoreError> {
-        let trace_id = herald_telemetry::current_trace_id();
-        let traceparent = herald_telemetry::current_traceparent();
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
         let mut created = 0;
         for d in deliveries {
-            let inserted = tx
-                .query_opt(
-                    "INSERT INTO deliveries (id, message_id, tenant_id, channel, provider_account,
-                        recipient, state, traceparent)
-                     VALUES ($1, $2, $3, $4, $5, $6, 'queued', $7)
-                     ON CONFLICT (id) DO NOTHING RETURNING id",
-                    &[
-                        &d.id,
-                        &message_id,
-                        &tenant,
-                        &d.channel,
-                        &d.provider_account,
-                        &d.recipient,
-                        &traceparent,
-                    ],
-                )
-                .await?;
-            if inserted.is_some() {
+            if self
+                .insert_queued(&tx, message_id, tenant, d, "renderer", json!({}))
+                .await?
+            {
                 created += 1;
-                tx.execute(
-                    "INSERT INTO delivery_events (delivery_id, state, source, trace_id)
-                     VALUES ($1, 'queued', 'renderer', $2)",
-                    &[&d.id, &trace_id],
-                )
-                .await?;
-                self.announce(
-                    &tx,
-                    d.id,
-                    message_id,
-                    tenant,
-                    &d.channel,
-                    S::Queued,
-                    None,
-                    None,
-                )
-                .await?;
             }
         }
         self.shift_counts(&tx, message_id, &[(S::Queued, created)])
@@ -448,19 +415,17 @@ impl Store {
     }
 
     /// Row: id, message_id, tenant_id, channel, state, provider_account.
-    /// Queues the next channel of a failed delivery's fallback chain (idempotent by the
-    /// step's delivery id: a failure recorded twice queues it once).
-    async fn queue_fallback(
+    /// Inserts a `queued` delivery with its first history entry and its status event, unless
+    /// it exists (ids are deterministic); `true` when inserted. The caller shifts the counts.
+    async fn insert_queued(
         &self,
         tx: &tokio_postgres::Transaction<'_>,
-        failed: &tokio_postgres::Row,
-        code: &str,
-        next: &Fallback,
-    ) -> Result<(), StoreError> {
-        let failed_id: Uuid = failed.get(0);
-        let message_id: Uuid = failed.get(1);
-        let tenant: String = failed.get(2);
-        let d = &next.delivery;
+        message_id: Uuid,
+        tenant: &str,
+        d: &NewDelivery,
+        source: &str,
+        detail: serde_json::Value,
+    ) -> Result<bool, StoreError> {
         let inserted = tx
             .query_opt(
                 "INSERT INTO deliveries (id, message_id, tenant_id, channel, provider_account,
@@ -479,14 +444,15 @@ impl Store {
             )
             .await?;
         if inserted.is_none() {
-            return Ok(());
+            return Ok(false);
         }
         tx.execute(
             "INSERT INTO delivery_events (delivery_id, state, source, detail, trace_id)
-             VALUES ($1, 'queued', 'fallback', $2, $3)",
+             VALUES ($1, 'queued', $2, $3, $4)",
             &[
                 &d.id,
-                &json!({ "after": failed_id, "code": code }),
+                &source,
+                &detail,
                 &herald_telemetry::current_trace_id(),
             ],
         )
@@ -495,13 +461,35 @@ impl Store {
             tx,
             d.id,
             message_id,
-            &tenant,
+            tenant,
             &d.channel,
             S::Queued,
             None,
             None,
         )
         .await?;
+        Ok(true)
+    }
+
+    /// Queues the next channel of a failed delivery's fallback chain (idempotent by the
+    /// step's delivery id: a failure recorded twice queues it once).
+    async fn queue_fallback(
+        &self,
+        tx: &tokio_postgres::Transaction<'_>,
+        failed: &tokio_postgres::Row,
+        code: &str,
+        next: &Fallback,
+    ) -> Result<(), StoreError> {
+        let failed_id: Uuid = failed.get(0);
+        let message_id: Uuid = failed.get(1);
+        let tenant: String = failed.get(2);
+        let detail = json!({ "after": failed_id, "code": code });
+        if !self
+            .insert_queued(tx, message_id, &tenant, &next.delivery, "fallback", detail)
+            .await?
+        {
+            return Ok(());
+        }
         self.shift_counts(tx, message_id, &[(S::Queued, 1)]).await?;
         Self::insert_outbox_many(tx, &[], std::slice::from_ref(&next.job)).await?;
         Ok(())
