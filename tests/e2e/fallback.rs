@@ -175,3 +175,34 @@ async fn a_recipient_who_unfollowed_gets_the_next_channel_at_once() {
     );
     env.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deferral_past_the_channels_deadline_falls_back() {
+    let env = TestEnv::start_with(|config| {
+        config.sender.policies.insert(
+            channels::WECHAT_TEMPLATE.into(),
+            herald_sender::policy::PolicyOverride {
+                fallback_after: Some("10m".into()),
+                ..Default::default()
+            },
+        );
+    })
+    .await;
+    // The account's daily quota is used up: WeChat would take it again only at midnight in
+    // Beijing, later than the template channel's ten minutes.
+    env.stack
+        .sandbox
+        .inject_errors(herald_sandbox::paths::TEMPLATE_SEND, vec![45009]);
+    let mut env = env;
+    let request = request("FB-4", &[channels::WECHAT_TEMPLATE, channels::WECOM]);
+    env.publish_request(&herald_contract::encode_json(&request), Some("guest"), None)
+        .await;
+    env.wait_for_status(&request.id, DeliveryState::Queued)
+        .await;
+    let deliveries = settled(&env, &request.id).await;
+    let template = on(&deliveries, channels::WECHAT_TEMPLATE);
+    assert_eq!(template["state"], "failed");
+    assert_eq!(template["last_error_code"], "45009");
+    assert_eq!(on(&deliveries, channels::WECOM)["state"], "sent");
+    env.stop().await;
+}

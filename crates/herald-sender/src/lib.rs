@@ -427,6 +427,9 @@ fn ready_check(
     })
 }
 
+/// Why a delivery gave up for its next channel before its own retries ran out.
+const FALLBACK_DEADLINE: &str = "not sent within the channel's fallback_after";
+
 fn now_ms() -> i64 {
     Utc::now().timestamp_millis()
 }
@@ -609,6 +612,14 @@ impl Sender {
                         self.give_up(lane, &job, delivery_id, code, &reason, &message)
                             .await
                     }
+                    Next::Retry(tier)
+                        if !job.fallback.is_empty()
+                            && policy
+                                .past_fallback_deadline(created_at, Utc::now() + tier.delay) =>
+                    {
+                        self.give_up(lane, &job, delivery_id, code, FALLBACK_DEADLINE, &message)
+                            .await
+                    }
                     Next::Retry(tier) => {
                         let outcome = Outcome::Retrying {
                             code: code.clone(),
@@ -654,6 +665,11 @@ impl Sender {
                             .await;
                     }
                 };
+                if !job.fallback.is_empty() && policy.past_fallback_deadline(created_at, until) {
+                    return self
+                        .give_up(lane, &job, delivery_id, code, FALLBACK_DEADLINE, &message)
+                        .await;
+                }
                 if let Err(e) = self
                     .store
                     .record_deferral(delivery_id, &code, &message, until)

@@ -25,6 +25,10 @@ pub struct PolicyOverride {
     pub quota_reset: Option<String>,
     /// Rate limit of each account on this channel unless `[sender.accounts]` names one.
     pub rate_limit: Option<RateLimit>,
+    /// A delivery with a fallback chain that would still be unsent this long after it was
+    /// created (a retry or a deferral would take it past) goes to its next channel instead
+    /// (`10m`). Unset: only recipient failures and give-ups fall back.
+    pub fallback_after: Option<String>,
 }
 
 /// One channel's policy, checked against the topology.
@@ -35,6 +39,7 @@ pub struct Policy {
     pub max_age: Duration,
     pub quota_reset: QuotaReset,
     pub rate_limit: Option<RateLimit>,
+    pub fallback_after: Option<Duration>,
 }
 
 /// What to do with a job whose attempt did not settle it.
@@ -65,6 +70,14 @@ impl Policy {
             return Next::GiveUp(self.age_reason());
         }
         Next::Retry(tier.clone())
+    }
+
+    /// Whether a delivery created at `created_at` and not sent before `until` is past this
+    /// channel's fallback deadline.
+    pub fn past_fallback_deadline(&self, created_at: DateTime<Utc>, until: DateTime<Utc>) -> bool {
+        self.fallback_after
+            .and_then(|after| chrono::Duration::from_std(after).ok())
+            .is_some_and(|after| until - created_at > after)
     }
 
     /// Until when a deferral holds the job; `Err` with the reason if that is past the maximum age.
@@ -198,6 +211,13 @@ pub fn resolve(
             )
         })?;
         let max_attempts = o.max_attempts.unwrap_or(defaults.max_attempts).max(1);
+        let fallback_after = match &o.fallback_after {
+            Some(text) => Some(
+                parse_delay(text)
+                    .ok_or_else(|| format!("{}: `{text}` is not like 10m", at("fallback_after")))?,
+            ),
+            None => None,
+        };
         policies.insert(
             channel.clone(),
             Policy {
@@ -206,6 +226,7 @@ pub fn resolve(
                 max_age,
                 quota_reset,
                 rate_limit: o.rate_limit.or(defaults.rate_limit),
+                fallback_after,
             },
         );
     }
