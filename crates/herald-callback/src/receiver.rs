@@ -27,6 +27,8 @@ use crate::{CallbackError, CallbackSettings, EVENT_TYPE_HEADER, RECIPIENT_EVENT}
 /// The longest the receiver waits for the trace context of the send a callback reports on
 /// (it comes out of the answer's budget, `publish_timeout_ms`, and gets at most a quarter).
 const TRACE_LOOKUP: Duration = Duration::from_millis(1000);
+/// How often the receiver looks again for a send result not stored yet.
+const TRACE_LOOKUP_POLL: Duration = Duration::from_millis(25);
 
 pub(crate) struct WechatAccount {
     token: String,
@@ -423,16 +425,27 @@ impl Receiver {
             herald.provider_msgid = tracing::field::Empty,
             herald.event = %events[0].kind(),
         );
-        // Continue the trace of the send this callback reports on, when it is stored already
-        // (the parent must be set before the span is first entered).
+        // Continue the trace of the send this callback reports on (the parent must be set
+        // before the span is first entered). A fast provider can call back before the sender
+        // has stored the send's msgid: look again briefly until it is there.
         if let Some(Normalised::Delivery(first)) = events.first() {
             span.record("herald.provider_msgid", first.provider_msgid.as_str());
             // Best effort and bounded: a busy database must not eat into the provider's 5 s.
-            let lookup = self
-                .store
-                .traceparent_for_msgid(account, &first.provider_msgid);
+            let lookup = async {
+                loop {
+                    match self
+                        .store
+                        .traceparent_for_msgid(account, &first.provider_msgid)
+                        .await
+                    {
+                        Ok(Some(traceparent)) => return Some(traceparent),
+                        Ok(None) => tokio::time::sleep(TRACE_LOOKUP_POLL).await,
+                        Err(_) => return None,
+                    }
+                }
+            };
             let wait = TRACE_LOOKUP.min(budget / 4);
-            if let Ok(Ok(Some(traceparent))) = tokio::time::timeout(wait, lookup).await {
+            if let Ok(Some(traceparent)) = tokio::time::timeout(wait, lookup).await {
                 herald_telemetry::set_parent_traceparent(&span, &traceparent);
             }
         }
