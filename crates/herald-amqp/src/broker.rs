@@ -36,11 +36,33 @@ impl std::fmt::Debug for Broker {
 
 impl Broker {
     /// Connects (naming the connection after the service) and opens a confirmed publisher.
+    /// lapin recovers the connection and its channels by itself after a loss.
     pub async fn connect(settings: &AmqpSettings, service: &str) -> Result<Self, AmqpError> {
+        Self::open(settings, service, true).await
+    }
+
+    /// Connects without lapin's own recovery: a lost connection ends every consumer with an
+    /// error at once, for a service whose supervisor reconnects and starts over (the sender:
+    /// jobs whose acks were lost are redelivered and recognised as settled). lapin's recovery
+    /// could leave an ack waiting on a channel that never came back.
+    pub async fn connect_supervised(
+        settings: &AmqpSettings,
+        service: &str,
+    ) -> Result<Self, AmqpError> {
+        Self::open(settings, service, false).await
+    }
+
+    async fn open(
+        settings: &AmqpSettings,
+        service: &str,
+        recover: bool,
+    ) -> Result<Self, AmqpError> {
         let topology = Topology::new(settings).map_err(AmqpError::Config)?;
-        let properties = ConnectionProperties::default()
-            .with_connection_name(format!("herald-{service}").into())
-            .enable_auto_recover();
+        let mut properties = ConnectionProperties::default()
+            .with_connection_name(format!("herald-{service}").into());
+        if recover {
+            properties = properties.enable_auto_recover();
+        }
         let connection = Connection::connect(&settings.url, properties).await?;
         let connection = Arc::new(connection);
         let channel = Publisher::open_channel(&connection).await?;

@@ -211,9 +211,9 @@ struct LaneQueue {
 }
 
 /// Runs sender workers for the configured channels until `shutdown`. A connection to the
-/// broker or the database lost for good (after lapin's own recovery gave up) restarts the
-/// workers with a backoff instead of ending the process; only configuration errors, or
-/// failures before the first successful start, end it.
+/// broker or the database lost restarts the workers with a backoff (on a new connection)
+/// instead of ending the process; only configuration errors, or
+/// failures before broker, database and listener were first reached, end it.
 pub async fn run(config: SenderConfig, shutdown: CancellationToken) -> Result<(), SenderError> {
     let settings = &config.sender;
     if settings.channels.is_empty() {
@@ -311,7 +311,8 @@ async fn run_once(
     started: &mut bool,
 ) -> Result<(), SenderError> {
     let settings = &shared.settings;
-    let broker = Broker::connect(&config.amqp, "sender").await?;
+    // The loop in `run` reconnects: no half-recovered connection holding acks.
+    let broker = Broker::connect_supervised(&config.amqp, "sender").await?;
     broker.declare_topology().await?;
     // Stops every worker and the relay when one lane's consuming ends for any reason.
     let stop = shutdown.child_token();
@@ -336,6 +337,9 @@ async fn run_once(
         broker.close().await;
         return Err(error.into());
     }
+    // Broker, database and listener were all reachable once: from here on a failure (a
+    // connection lost while the lanes start, say) is something to reconnect from.
+    *started = true;
     let sender = Arc::new(Sender {
         broker: broker.clone(),
         store,
@@ -384,10 +388,7 @@ async fn run_once(
             stop.cancel();
             Err(error)
         }
-        None => {
-            *started = true;
-            Ok(())
-        }
+        None => Ok(()),
     };
     while let Some(worker) = workers.join_next().await {
         stop.cancel();
