@@ -206,3 +206,63 @@ async fn a_deferral_past_the_channels_deadline_falls_back() {
     assert_eq!(on(&deliveries, channels::WECOM)["state"], "sent");
     env.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wechat_template_refused_with_43101_falls_back_to_sms() {
+    let mut env = TestEnv::start().await;
+    // WeChat refuses the template message for this user: 43101 (a recipient failure).
+    env.stack
+        .sandbox
+        .inject_errors(herald_sandbox::paths::TEMPLATE_SEND, vec![43101]);
+    let mut request = request("FB-SMS", &[channels::WECHAT_TEMPLATE, channels::SMS]);
+    request.recipients = vec![Recipient {
+        wechat_openid: demo::OPENID.into(),
+        phone: seed::SMS_PHONE.into(),
+        ..Default::default()
+    }];
+    env.publish_request(&herald_contract::encode_json(&request), Some("guest"), None)
+        .await;
+    env.wait_for_status(&request.id, DeliveryState::Failed)
+        .await;
+    // The SMS goes out and its receipt reports it delivered.
+    env.wait_for_status(&request.id, DeliveryState::Delivered)
+        .await;
+    let deliveries = settled(&env, &request.id).await;
+
+    let template = on(&deliveries, channels::WECHAT_TEMPLATE);
+    assert_eq!(template["state"], "failed");
+    assert_eq!(template["last_error_code"], "43101");
+    let states = |d: &Value| -> Vec<String> {
+        d["timeline"]
+            .as_array()
+            .map(|t| {
+                t.iter()
+                    .filter_map(|e| e["state"].as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    // Both attempts are in the message's timeline: the template's, ending failed…
+    let template_states = states(template);
+    assert_eq!(template_states.first().map(String::as_str), Some("queued"));
+    assert_eq!(template_states.last().map(String::as_str), Some("failed"));
+    // …and the SMS, queued by the fallback, sent, then delivered by its receipt.
+    let sms = on(&deliveries, channels::SMS);
+    assert_eq!(sms["state"], "delivered", "{sms}");
+    assert_eq!(sms["provider_account"], seed::SMS_ALIYUN_ACCOUNT);
+    let queued = &sms["timeline"][0];
+    assert_eq!(queued["state"], "queued");
+    assert_eq!(queued["source"], "fallback");
+    assert_eq!(queued["detail"]["after"], template["id"]);
+    assert_eq!(queued["detail"]["code"], "43101");
+    let sms_states = states(sms);
+    assert!(
+        sms_states.ends_with(&["sent".to_string(), "delivered".to_string()]),
+        "{sms_states:?}"
+    );
+    let sent = env.stack.sandbox.sms_messages();
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0].phone, "13800138000");
+    assert_eq!(sms["provider_msgid"], sent[0].msgid.as_str());
+    env.stop().await;
+}

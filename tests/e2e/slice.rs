@@ -457,3 +457,77 @@ async fn amqp_reuse_of_an_idempotency_key_by_another_request_is_parked_not_dropp
     assert_eq!(view["deliveries"].as_array().map(Vec::len), Some(1));
     env.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_of_another_schema_version_is_parked_not_read_as_this_one() {
+    let env = TestEnv::start().await;
+    let body = demo_request_json(demo::OPENID, "S-2").to_string();
+    let mut table = herald_amqp::FieldTable::default();
+    table.insert(
+        headers::SCHEMA_VERSION.into(),
+        herald_amqp::AMQPValue::LongString("herald.v2".into()),
+    );
+    let properties = herald_amqp::BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_user_id("guest".into())
+        .with_headers(table);
+    env.broker
+        .publisher()
+        .publish(
+            &env.broker.topology().requests_exchange(),
+            "request.test",
+            body.as_bytes(),
+            properties,
+        )
+        .await
+        .expect("publish confirmed");
+    let dead = env.next_dead_letter().await;
+    let table = dead.properties.headers().clone();
+    assert_eq!(
+        herald_amqp::header_str(table.as_ref(), headers::DEAD_REASON),
+        Some("unsupported_schema")
+    );
+    let detail = herald_amqp::header_str(table.as_ref(), headers::DEAD_DETAIL).unwrap_or_default();
+    assert!(detail.contains("herald.v2"), "{detail}");
+    assert_eq!(dead.data, body.as_bytes(), "the body is parked as it was");
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_amqp_request_failing_the_rest_checks_is_rejected_naming_the_field() {
+    let env = TestEnv::start().await;
+    let id = uuid::Uuid::now_v7().to_string();
+    let mut request = demo_request_json(demo::OPENID, "V-1");
+    request["id"] = Value::String(id.clone());
+    request["channels"] = serde_json::json!(["wechat.template", "fax"]);
+    env.publish_request(request.to_string().as_bytes(), Some("guest"), None)
+        .await;
+    let dead = env.next_dead_letter().await;
+    let table = dead.properties.headers().clone();
+    assert_eq!(
+        herald_amqp::header_str(table.as_ref(), headers::DEAD_REASON),
+        Some("rejected")
+    );
+    let detail = herald_amqp::header_str(table.as_ref(), headers::DEAD_DETAIL).unwrap_or_default();
+    assert!(
+        detail.starts_with("channels[1]:") && detail.contains("fax"),
+        "{detail}"
+    );
+    let view = env.get_message(&id).await;
+    assert_eq!(view["state"], "rejected");
+
+    // Year 10000 in UTC: stored, then rejected (its stored form could not be read back).
+    let id = uuid::Uuid::now_v7().to_string();
+    let mut request = demo_request_json(demo::OPENID, "V-2");
+    request["id"] = Value::String(id.clone());
+    request["sendAt"] = Value::String("9999-12-31T23:30:00-01:00".into());
+    env.publish_request(request.to_string().as_bytes(), Some("guest"), None)
+        .await;
+    let dead = env.next_dead_letter().await;
+    let detail = herald_amqp::header_str(dead.properties.headers().as_ref(), headers::DEAD_DETAIL)
+        .unwrap_or_default();
+    assert!(detail.starts_with("send_at:"), "{detail}");
+    let view = env.get_message(&id).await;
+    assert_eq!(view["state"], "rejected");
+    env.stop().await;
+}

@@ -261,6 +261,7 @@ async fn allow_listed_targets_get_signed_bodies_and_answers_are_classified() {
                 // Rotating: the old and the new secret at once.
                 secrets: vec![demo::WEBHOOK_SECRET.into(), NEXT_SECRET.into()],
                 allow: vec!["127.0.0.1/32".into()],
+                ..Default::default()
             },
         );
     })

@@ -10,6 +10,8 @@ use heraldctl::{HeraldConfig, Stack};
 
 pub use heraldctl::demo;
 
+pub mod private;
+
 /// How long any single awaited event may take before a test fails.
 pub const WAIT: Duration = Duration::from_secs(20);
 

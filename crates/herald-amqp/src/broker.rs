@@ -208,7 +208,7 @@ impl Broker {
 
 /// A queue subscription that rides out broker reconnects.
 pub struct Consumer {
-    channel: Channel,
+    pub(crate) channel: Channel,
     inner: lapin::Consumer,
     queue: String,
     pub(crate) drain_timeout: Option<std::time::Duration>,

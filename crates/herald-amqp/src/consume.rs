@@ -21,8 +21,9 @@ pub enum Disposition {
         reason: &'static str,
         detail: String,
     },
-    /// A transient failure (database or broker away): give it back after a pause. The
-    /// queue's delivery limit parks a message that keeps failing.
+    /// A transient failure (database or broker away): tried again in place after a pause,
+    /// for up to a minute, then given back. The queue's delivery limit parks a message that
+    /// keeps failing.
     Requeue { error: String },
 }
 
@@ -54,6 +55,13 @@ fn stage_of(prefix: &str, queue: &str) -> &'static str {
 
 /// Pause before giving a message back after a transient failure, so an outage does not spin.
 const REQUEUE_PAUSE: Duration = Duration::from_secs(1);
+/// How long a worker keeps trying a message that failed transiently before giving it back.
+/// Every requeue counts against the quorum queue's `x-delivery-limit` (5 by default), which is
+/// meant for messages that crash their consumer: requeued once a second, a good request was
+/// parked as `delivery_limit` after a Postgres restart of five seconds (found by the fault
+/// suite, `tests/e2e/fault.rs`). Tried again in place, a message uses one delivery per window,
+/// so only an outage of several windows parks it.
+const TRANSIENT_RETRY_WINDOW: Duration = Duration::from_secs(60);
 
 impl Consumer {
     /// Runs `handler` on each delivery, at most `concurrency` at once, until `shutdown`; then
@@ -105,10 +113,35 @@ impl Consumer {
             let handler = handler.clone();
             let broker = broker.clone();
             let queue = self.queue().to_string();
+            let stopping = shutdown.clone();
+            // The channel the message came on, and will be acked on.
+            let consuming = self.channel.clone();
             crate::depth::record_lag(&queue, delivery.properties.headers().as_ref());
             tasks.spawn(async move {
                 let started = std::time::Instant::now();
-                let disposition = handler(delivery.clone()).await;
+                let mut disposition = handler(delivery.clone()).await;
+                // A transient failure is tried again here, holding the message (and its
+                // permit: an outage slows intake instead of spinning), until it passes, the
+                // window ends, the connection drops or the worker stops; only then is it
+                // given back.
+                let give_up_at = tokio::time::Instant::now() + TRANSIENT_RETRY_WINDOW;
+                while let Disposition::Requeue { error } = &disposition {
+                    // With its channel or the connection gone the message is the broker's
+                    // again (and a publish failing for that reason will not pass): stop, so
+                    // the consumer sees the loss and the worker reconnects.
+                    if tokio::time::Instant::now() + REQUEUE_PAUSE > give_up_at
+                        || !broker.is_connected()
+                        || !consuming.status().connected()
+                    {
+                        break;
+                    }
+                    tracing::warn!(%error, queue, "transient failure; trying again");
+                    tokio::select! {
+                        _ = stopping.cancelled() => break,
+                        _ = tokio::time::sleep(REQUEUE_PAUSE) => {}
+                    }
+                    disposition = handler(delivery.clone()).await;
+                }
                 let stage = stage_of(broker.topology().prefix(), &queue);
                 metrics::histogram!("herald_stage_duration_seconds", "stage" => stage)
                     .record(started.elapsed().as_secs_f64());

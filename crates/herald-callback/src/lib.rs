@@ -9,6 +9,7 @@
 pub mod crypto;
 mod projector;
 mod receiver;
+pub mod sms;
 pub mod webhooks;
 pub mod wechat;
 
@@ -78,6 +79,28 @@ impl std::fmt::Debug for WecomCallbackAccount {
     }
 }
 
+/// One SMS provider account's receipts (`[callback.sms."<account>"]`). Neither Tencent Cloud
+/// nor Aliyun signs its receipt pushes: the URL registered in the provider's console carries
+/// this secret (`https://herald.example/v1/callbacks/sms/<account>?token=<token>`), or the
+/// push authenticates with it as the HTTP Basic password.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct SmsCallbackAccount {
+    /// `tencent_sms` or `aliyun_sms`: the receipt format.
+    pub provider: sms::SmsReceiptProvider,
+    /// At least 16 characters; from the environment in production
+    /// (`HERALD_CALLBACK__SMS__<ID>__TOKEN`).
+    pub token: String,
+}
+
+impl std::fmt::Debug for SmsCallbackAccount {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SmsCallbackAccount")
+            .field("provider", &self.provider)
+            .field("token", &"***")
+            .finish()
+    }
+}
+
 /// `[callback]` in herald.toml.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default)]
@@ -98,6 +121,8 @@ pub struct CallbackSettings {
     pub wechat: BTreeMap<String, WechatCallbackAccount>,
     /// WeCom applications by provider-account id (the id in the callback URL).
     pub wecom: BTreeMap<String, WecomCallbackAccount>,
+    /// SMS provider accounts' delivery receipts, by provider-account id (the id in the URL).
+    pub sms: BTreeMap<String, SmsCallbackAccount>,
     pub webhooks: WebhookSettings,
 }
 
@@ -114,6 +139,7 @@ impl Default for CallbackSettings {
             // configuration); `heraldctl up` adds the demo account.
             wechat: BTreeMap::new(),
             wecom: BTreeMap::new(),
+            sms: BTreeMap::new(),
             webhooks: WebhookSettings::default(),
         }
     }
@@ -222,6 +248,10 @@ fn router(receiver: Arc<receiver::Receiver>) -> Router {
         .route(
             "/v1/callbacks/wecom/{account}",
             get(receiver::wecom_verify).post(receiver::wecom_event),
+        )
+        .route(
+            "/v1/callbacks/sms/{account}",
+            axum::routing::post(receiver::sms_receipt),
         )
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(ready))

@@ -22,7 +22,9 @@ use tracing::Instrument;
 
 use crate::crypto::{CryptoError, MsgCrypt, msg_signature, sha1_signature, signature_matches};
 use crate::wechat::{self, Normalised, mask};
-use crate::{CallbackError, CallbackSettings, EVENT_TYPE_HEADER, RECIPIENT_EVENT};
+use crate::{
+    CallbackError, CallbackSettings, EVENT_TYPE_HEADER, RECIPIENT_EVENT, SmsCallbackAccount, sms,
+};
 
 /// The longest the receiver waits for the trace context of the send a callback reports on
 /// (it comes out of the answer's budget, `publish_timeout_ms`, and gets at most a quarter).
@@ -46,6 +48,7 @@ pub(crate) struct Receiver {
     pub(crate) settings: CallbackSettings,
     wechat: HashMap<String, WechatAccount>,
     wecom: HashMap<String, WecomAccount>,
+    sms: HashMap<String, SmsCallbackAccount>,
 }
 
 impl Receiver {
@@ -88,12 +91,23 @@ impl Receiver {
                 },
             );
         }
+        let mut sms = HashMap::new();
+        for (id, account) in &settings.sms {
+            if account.token.trim().len() < 16 {
+                return Err(CallbackError::Config(format!(
+                    "callback.sms.{id}.token: at least 16 characters (it is the receipts' only \
+                     authentication)"
+                )));
+            }
+            sms.insert(id.clone(), account.clone());
+        }
         Ok(Self {
             broker,
             store,
             settings,
             wechat,
             wecom,
+            sms,
         })
     }
 }
@@ -385,6 +399,84 @@ pub(crate) async fn wecom_event(
     }
 }
 
+/// `POST /v1/callbacks/sms/{account}`: an SMS provider's delivery receipts. Neither Tencent
+/// nor Aliyun signs them: the account's secret must come as `?token=` or as the HTTP Basic
+/// password, else 401 (counted as `unauthenticated`) before anything of the body is read.
+pub(crate) async fn sms_receipt(
+    State(receiver): State<Arc<Receiver>>,
+    Path(account): Path<String>,
+    Query(query): Query<HashMap<String, String>>,
+    headers: axum::http::HeaderMap,
+    body: Bytes,
+) -> Response {
+    const PROVIDER: &str = "sms";
+    let Some(config) = receiver.sms.get(&account) else {
+        return Refusal::unknown_account().answer(PROVIDER, &account);
+    };
+    let provider = config.provider.label();
+    let given = query
+        .get("token")
+        .cloned()
+        .or_else(|| basic_password(&headers));
+    if !given
+        .as_deref()
+        .is_some_and(|token| sms::secret_matches(&config.token, token))
+    {
+        tracing::warn!(
+            provider,
+            account,
+            with_token = given.is_some(),
+            "SMS receipt without the account's secret; refused"
+        );
+        count(provider, &account, "unauthenticated");
+        return (
+            StatusCode::UNAUTHORIZED,
+            [(
+                axum::http::header::WWW_AUTHENTICATE,
+                "Basic realm=\"herald\"",
+            )],
+            "unauthenticated",
+        )
+            .into_response();
+    }
+    let events = match sms::normalise(config.provider, &account, &body) {
+        Ok(events) => events,
+        Err(error) => {
+            tracing::warn!(provider, account, %error, "unparseable SMS receipt");
+            return Refusal::malformed("malformed body").answer(provider, &account);
+        }
+    };
+    let ack = config.provider.ack();
+    receiver
+        .publish_events(provider, &account, events, || {
+            (
+                [(axum::http::header::CONTENT_TYPE, "application/json")],
+                ack,
+            )
+                .into_response()
+        })
+        .await
+}
+
+/// The password of an HTTP Basic `Authorization` header.
+fn basic_password(headers: &axum::http::HeaderMap) -> Option<String> {
+    use base64::Engine;
+    let value = headers
+        .get(axum::http::header::AUTHORIZATION)?
+        .to_str()
+        .ok()?;
+    let (scheme, encoded) = value.trim().split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return None;
+    }
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(encoded.trim())
+        .ok()?;
+    let text = String::from_utf8(decoded).ok()?;
+    text.split_once(':')
+        .map(|(_, password)| password.to_string())
+}
+
 impl Receiver {
     /// Parses an authenticated body, publishes its events with confirms, answers `ack`.
     async fn accept(
@@ -413,6 +505,22 @@ impl Receiver {
             );
             count(provider, account, "accepted");
             return ack.into_response();
+        }
+        self.publish_events(provider, account, events, || ack.into_response())
+            .await
+    }
+
+    /// Publishes normalised events with confirms; answers `ack()` once the broker has them all.
+    async fn publish_events(
+        &self,
+        provider: &'static str,
+        account: &str,
+        events: Vec<Normalised>,
+        ack: impl Fn() -> Response,
+    ) -> Response {
+        if events.is_empty() {
+            count(provider, account, "accepted");
+            return ack();
         }
         // Everything from here to the answer shares one budget, under the provider's 5 s.
         let budget = Duration::from_millis(self.settings.publish_timeout_ms);
@@ -457,7 +565,7 @@ impl Receiver {
             Ok(Ok(())) => {
                 tracing::debug!(parent: &span, events = events.len(), "callback published");
                 count(provider, account, "accepted");
-                ack.into_response()
+                ack()
             }
             Ok(Err(error)) => {
                 tracing::error!(parent: &span, %error, "could not publish callback events; the provider will retry");

@@ -190,6 +190,9 @@ fn occurred_at(body: &CallbackBody) -> Option<Timestamp> {
         .trim()
         .parse()
         .ok()
+        // Only what an RFC 3339 string can hold (years 1 to 9999): an event time outside it
+        // has no canonical JSON, and the event would be published with an empty body.
+        .filter(|seconds| (-62_135_596_800..=253_402_300_799).contains(seconds))
         .map(|seconds| Timestamp { seconds, nanos: 0 })
 }
 
@@ -487,6 +490,36 @@ mod tests {
             Err(other) => panic!("unexpected {other}"),
         }
         assert!(matches!(parse(b"hello"), Err(ParseError::UnknownFormat)));
+    }
+
+    /// Caught by the `wechat_xml` fuzz check (a published event decodes at the projector),
+    /// input fuzz/corpus/wechat_xml/crash-create-time-year-overflow: a CreateTime past year
+    /// 9999 gave an event whose canonical JSON failed to encode, so an empty body was
+    /// published and dead-lettered by the projector.
+    #[test]
+    fn create_time_outside_rfc_3339_is_no_time() {
+        for create_time in ["99999999999999", "-99999999999999", "253402300800"] {
+            let body = format!(
+                "<xml><MsgType>event</MsgType><Event>TEMPLATESENDJOBFINISH</Event>\
+                 <MsgID>1</MsgID><CreateTime>{create_time}</CreateTime></xml>"
+            );
+            let event = delivery(only(normalise(
+                "wechat",
+                "a",
+                &parse(body.as_bytes()).expect("parses"),
+            )));
+            assert_eq!(event.occurred_at, None, "{create_time}");
+            let json = herald_contract::encode_json(&event);
+            let decoded: DeliveryEvent = herald_contract::decode_json(&json).expect("decodes");
+            assert_eq!(decoded, event);
+        }
+        let body = job_finish("success").replace("1700000000", "253402300799");
+        let event = delivery(only(normalise(
+            "wechat",
+            "a",
+            &parse(body.as_bytes()).expect("parses"),
+        )));
+        assert_eq!(event.occurred_at.map(|t| t.seconds), Some(253_402_300_799));
     }
 
     #[test]

@@ -4,6 +4,8 @@
 //! of one of them. [`decode_json`] names the offending field on failure so ingress can answer a
 //! 400 that says what to fix, and consumers can dead-letter with the same reason.
 
+pub mod validate;
+
 pub mod v1 {
     #![allow(clippy::all, clippy::unwrap_used)]
     include!(concat!(env!("OUT_DIR"), "/herald.v1.rs"));
@@ -59,6 +61,9 @@ pub mod channels {
     pub const EMAIL: &str = "email";
     /// Signed HTTP POSTs (Standard Webhooks) to the recipient's `webhook_url`.
     pub const WEBHOOK: &str = "webhook";
+    /// SMS through Tencent Cloud SMS or Aliyun SMS (the provider account's configuration
+    /// picks which), to the recipient's `phone`.
+    pub const SMS: &str = "sms";
     /// Every channel this build knows how to route (and sends to).
     pub const ALL: &[&str] = &[
         WECHAT_TEMPLATE,
@@ -69,6 +74,7 @@ pub mod channels {
         FEISHU,
         EMAIL,
         WEBHOOK,
+        SMS,
     ];
 }
 

@@ -5,7 +5,6 @@
 mod recipients;
 mod status;
 mod templates;
-mod validate;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -31,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use uuid::Uuid;
 
-pub use validate::{FieldError, validate};
+pub use herald_contract::validate::{FieldError, validate};
 
 /// `[ingress]` in herald.toml.
 #[derive(Debug, Clone, Serialize, Deserialize)]

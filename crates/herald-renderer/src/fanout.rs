@@ -34,7 +34,11 @@ struct Context<'a> {
     wanted: Vec<String>,
 }
 
-fn rejected(message_id: Uuid, field: impl Into<String>, message: impl Into<String>) -> Failure {
+pub(crate) fn rejected(
+    message_id: Uuid,
+    field: impl Into<String>,
+    message: impl Into<String>,
+) -> Failure {
     Failure::Rejected {
         message_id,
         error: RenderError::new(field, message),
@@ -56,13 +60,6 @@ impl Renderer {
             return Ok(());
         }
         let total = request.recipients.len();
-        if total == 0 {
-            return Err(rejected(
-                id,
-                "recipients",
-                "at least one recipient is required",
-            ));
-        }
         if total > self.settings.max_recipients {
             return Err(rejected(
                 id,
@@ -162,6 +159,12 @@ impl Renderer {
         let mut start = progress.done.min(total);
         while start < total {
             let end = (start + batch).min(total);
+            // The semaphore is never closed, so the permits always come.
+            let _rendering = self
+                .recipients_in_flight
+                .acquire_many(u32::try_from(end - start).unwrap_or(u32::MAX))
+                .await
+                .ok();
             let targets = audience::resolve(
                 &self.store,
                 tenant,

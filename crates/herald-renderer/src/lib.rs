@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use herald_amqp::{AmqpSettings, Broker, Delivery, Disposition};
 use herald_contract::v1::{DeliveryJob, FallbackStep, NotificationRequest};
-use herald_contract::{channels, decode_json};
+use herald_contract::{channels, decode_json, headers};
 use herald_store::{NewDelivery, NewMessage, Store, StoreSettings};
 use herald_telemetry::TelemetrySettings;
 use serde::{Deserialize, Serialize};
@@ -55,6 +55,9 @@ struct Renderer {
     templates: Arc<TemplateCache>,
     settings: RendererSettings,
     limits: preferences::Limits,
+    /// Recipients being rendered and written at once, over all requests (one permit each):
+    /// bounds the renderer's memory whatever the fan-out size of the requests in flight.
+    recipients_in_flight: tokio::sync::Semaphore,
 }
 
 /// Failures that decide a message's fate.
@@ -102,7 +105,10 @@ pub async fn run(config: RendererConfig, shutdown: CancellationToken) -> Result<
     herald_telemetry::spawn_admin(&config.telemetry, store.ready_check(&broker), stop.clone())
         .await?;
     let queue = broker.topology().render_queue();
-    let mut consumer = broker.consume(&queue, "herald-renderer").await?;
+    let in_flight = config.renderer.in_flight.max(1);
+    let mut consumer = broker
+        .consume_with_prefetch(&queue, "herald-renderer", in_flight)
+        .await?;
     if let Some(ms) = config.renderer.drain_timeout_ms {
         consumer = consumer.with_drain_timeout(std::time::Duration::from_millis(ms));
     }
@@ -129,12 +135,19 @@ pub async fn run(config: RendererConfig, shutdown: CancellationToken) -> Result<
         queue,
         templates,
         limits: preferences::Limits::new(config.renderer.redis.clone()),
+        recipients_in_flight: tokio::sync::Semaphore::new(
+            config
+                .renderer
+                .recipients_in_flight
+                .max(config.renderer.fanout_batch)
+                .max(1),
+        ),
         settings: config.renderer,
     });
     let consumed = consumer
         .run(
             broker.clone(),
-            usize::from(config.amqp.prefetch),
+            usize::from(in_flight),
             stop.clone(),
             move |delivery| {
                 let renderer = renderer.clone();
@@ -172,6 +185,21 @@ impl Renderer {
     }
 
     async fn process(&self, delivery: &Delivery) -> Result<(), Failure> {
+        // A body that says it is of another schema version is not read as this one (a
+        // producer ahead of this Herald); no header means this version.
+        let schema = herald_amqp::header_str(
+            delivery.properties.headers().as_ref(),
+            headers::SCHEMA_VERSION,
+        );
+        if let Some(schema) = schema.filter(|s| *s != herald_contract::SCHEMA_VERSION) {
+            return Err(Failure::Poison {
+                reason: "unsupported_schema",
+                detail: format!(
+                    "x-herald-schema `{schema}`; this Herald reads `{}`",
+                    herald_contract::SCHEMA_VERSION
+                ),
+            });
+        }
         let request: NotificationRequest =
             decode_json(&delivery.data).map_err(|e| Failure::Poison {
                 reason: "decode_error",
@@ -179,6 +207,10 @@ impl Renderer {
             })?;
         let id = message_id(&request, delivery)?;
         tracing::Span::current().record("herald.message_id", tracing::field::display(id));
+        // The checks the ingress makes of a REST request, for one that came over AMQP: it is
+        // stored, then rejected naming the field (before its stored form is read back, which
+        // a time past year 9999 would not survive).
+        let checked = herald_contract::validate::validate(&request);
 
         // A message already stored (accepted over REST, or a redelivery) is processed as
         // stored: its tenant and request are authoritative, not this body.
@@ -214,6 +246,9 @@ impl Renderer {
         // Settled before rendering (rejected, cancelled, expired): nothing to do.
         if matches!(record.state.as_str(), "rejected" | "cancelled" | "expired") {
             return Ok(());
+        }
+        if let Err(error) = checked {
+            return Err(fanout::rejected(id, error.field, error.message));
         }
         let request: NotificationRequest =
             serde_json::from_value(record.request.clone()).map_err(|e| Failure::Poison {
@@ -470,6 +505,7 @@ fn address_for<'a>(
         channels::FEISHU => recipient.feishu_robot.as_str(),
         channels::EMAIL => recipient.email.as_str(),
         channels::WEBHOOK => recipient.webhook_url.as_str(),
+        channels::SMS => recipient.phone.as_str(),
         _ => "",
     };
     (!address.is_empty()).then_some(address)

@@ -18,6 +18,12 @@ pub struct RendererSettings {
     pub redis: RedisSettings,
     /// Recipients written per transaction when fanning a request out.
     pub fanout_batch: usize,
+    /// Requests rendered at once (and held unacknowledged): each holds its whole recipient
+    /// list in memory, so this, not `amqp.prefetch`, bounds the renderer with large fan-outs.
+    pub in_flight: u16,
+    /// Recipients rendered at once over all requests in flight (at least one batch): what
+    /// bounds the renderer's memory when many large fan-outs arrive together.
+    pub recipients_in_flight: usize,
     /// The most recipients one request may name.
     pub max_recipients: usize,
     /// The scheduler looks for due jobs at least this often (and sleeps until the next one
@@ -38,6 +44,8 @@ impl Default for RendererSettings {
         Self {
             redis: RedisSettings::default(),
             fanout_batch: 500,
+            in_flight: 8,
+            recipients_in_flight: 2_000,
             max_recipients: MAX_RECIPIENTS,
             schedule_poll_ms: 250,
             schedule_batch: 500,
@@ -48,7 +56,7 @@ impl Default for RendererSettings {
 }
 
 /// The default and documented limit of recipients per request.
-pub const MAX_RECIPIENTS: usize = 10_000;
+pub use herald_contract::validate::MAX_RECIPIENTS;
 
 impl RendererSettings {
     /// The renderer's "now".

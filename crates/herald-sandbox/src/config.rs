@@ -27,6 +27,8 @@ pub struct SandboxConfig {
     pub robots: Vec<crate::robots::SandboxRobot>,
     /// WeCom organisations and their applications.
     pub wecom_corps: Vec<crate::wecom::SandboxCorp>,
+    /// Tencent Cloud SMS and Aliyun SMS accounts.
+    pub sms_accounts: Vec<crate::sms::SandboxSmsAccount>,
 }
 
 impl Default for SandboxConfig {
@@ -43,6 +45,7 @@ impl Default for SandboxConfig {
             callback_retry_interval_ms: 1000,
             robots: crate::robots::SandboxRobot::demo(),
             wecom_corps: vec![crate::wecom::SandboxCorp::demo()],
+            sms_accounts: crate::sms::SandboxSmsAccount::demo(),
         }
     }
 }

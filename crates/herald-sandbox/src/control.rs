@@ -9,7 +9,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 
-use crate::{CallbackAttempt, LoggedRequest, Sandbox, SandboxApp, TokenCalls};
+use crate::{AcceptedSend, CallbackAttempt, LoggedRequest, Sandbox, SandboxApp, TokenCalls};
 
 pub(crate) fn routes() -> Router<Sandbox> {
     Router::new()
@@ -23,6 +23,7 @@ pub(crate) fn routes() -> Router<Sandbox> {
         .route("/_sandbox/callback-status", post(set_callback_status))
         .route("/_sandbox/subscriptions", post(grant_subscription))
         .route("/_sandbox/callbacks", get(list_callbacks))
+        .route("/_sandbox/sends", get(list_sends))
         .route("/_sandbox/tokens/invalidate", post(invalidate_tokens))
         .route("/_sandbox/tokens/expire", post(expire_tokens))
         .route("/_sandbox/tokens/calls", get(token_calls))
@@ -38,6 +39,12 @@ async fn list_requests(
         None => sandbox.requests(),
     };
     Json(requests)
+}
+
+/// `GET /_sandbox/sends`: the template messages that went out, with the time each call
+/// arrived (the load tool's provider-receipt clock; the request log keeps only 10,000).
+async fn list_sends(State(sandbox): State<Sandbox>) -> Json<Vec<AcceptedSend>> {
+    Json(sandbox.accepted_sends())
 }
 
 /// `DELETE /_sandbox/requests`

@@ -35,6 +35,39 @@ pub enum Fault {
 #[derive(Default)]
 pub(crate) struct Faults {
     queued: HashMap<String, VecDeque<Fault>>,
+    /// Per path: faults drawn at random for every call without a queued one.
+    random: HashMap<String, FaultRates>,
+    /// Faults drawn so far, by kind. A held call's client may hang up before the answer, and
+    /// then the call is never logged: this counts it anyway.
+    drawn: HashMap<&'static str, u64>,
+}
+
+/// Faults drawn at random, call by call, for a provider that is flaky for a while (the fault
+/// suite's "30% 503, 10% held past the client's timeout"). Ratios are of all calls; their sum
+/// is at most 1.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct FaultRates {
+    /// Share of calls answered `status` without being processed.
+    pub status_ratio: f64,
+    pub status: u16,
+    /// Share of calls processed, then answered `delay_ms` later.
+    pub delay_ratio: f64,
+    pub delay_ms: u64,
+}
+
+impl FaultRates {
+    fn draw(&self) -> Fault {
+        let roll: f64 = rand::random();
+        if roll < self.status_ratio {
+            Fault::Status {
+                status: self.status,
+            }
+        } else if roll < self.status_ratio + self.delay_ratio {
+            Fault::Delay { ms: self.delay_ms }
+        } else {
+            Fault::None
+        }
+    }
 }
 
 impl Sandbox {
@@ -55,14 +88,44 @@ impl Sandbox {
         }
     }
 
-    /// The fault for this call of `path`, if one is queued.
+    /// From now on every call to `path` without a queued fault draws one from `rates`;
+    /// `None` turns the random faults off.
+    pub fn set_fault_rates(&self, path: &str, rates: Option<FaultRates>) {
+        let mut state = self.lock();
+        match rates {
+            Some(rates) => state.faults.random.insert(path.to_owned(), rates),
+            None => state.faults.random.remove(path),
+        };
+    }
+
+    /// How many calls drew each kind of random fault (`status`, `delay`, `none`).
+    pub fn drawn_faults(&self) -> HashMap<&'static str, u64> {
+        self.lock().faults.drawn.clone()
+    }
+
+    /// The fault for this call of `path`: the next queued one, else one drawn from its rates.
     pub(crate) fn take_fault(&self, path: &str) -> Option<Fault> {
         let mut state = self.lock();
-        let queue = state.faults.queued.get_mut(path)?;
-        let fault = queue.pop_front();
-        if queue.is_empty() {
-            state.faults.queued.remove(path);
-        }
+        let fault = match state.faults.queued.get_mut(path) {
+            Some(queue) => {
+                let fault = queue.pop_front();
+                if queue.is_empty() {
+                    state.faults.queued.remove(path);
+                }
+                fault
+            }
+            None => {
+                let rates = state.faults.random.get(path).copied()?;
+                let drawn = rates.draw();
+                let kind = match drawn {
+                    Fault::Status { .. } => "status",
+                    Fault::Delay { .. } => "delay",
+                    _ => "none",
+                };
+                *state.faults.drawn.entry(kind).or_default() += 1;
+                Some(drawn)
+            }
+        };
         fault.filter(|f| *f != Fault::None)
     }
 }

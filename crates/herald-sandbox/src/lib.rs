@@ -13,6 +13,7 @@ mod control;
 mod faults;
 mod log;
 mod robots;
+mod sms;
 mod subscribe;
 mod template;
 mod tokens;
@@ -30,9 +31,12 @@ use tokio::sync::watch;
 
 pub use callbacks::CallbackAttempt;
 pub use config::{CallbackMode, SandboxApp, SandboxConfig, SandboxTemplate};
-pub use faults::Fault;
+pub use faults::{Fault, FaultRates};
 pub use log::LoggedRequest;
 pub use robots::{RobotKind, RobotMessage, SandboxRobot};
+pub use sms::{
+    SandboxSmsAccount, SmsMessage, SmsProvider, SmsReceipt, SmsReceiptAttempt, SmsRequest,
+};
 pub use template::AcceptedSend;
 pub use tokens::TokenCalls;
 pub use wecom::{SandboxAgent, SandboxCorp, WecomMessage};
@@ -59,6 +63,9 @@ pub mod paths {
     pub const WECOM_GETTOKEN: &str = "/cgi-bin/gettoken";
     /// WeCom application messages.
     pub const WECOM_MESSAGE_SEND: &str = "/cgi-bin/message/send";
+    /// Tencent Cloud SMS and Aliyun SMS (API 3.0 and RPC): both at the root, as on their own
+    /// hosts (`X-TC-Action` tells Tencent's apart).
+    pub const SMS: &str = "/";
 }
 
 /// The sandbox: cheap to clone, all clones share one state.
@@ -90,6 +97,8 @@ struct State {
     /// WeCom organisations by corpid.
     wecom_corps: HashMap<String, wecom::SandboxCorp>,
     wecom: wecom::WecomState,
+    /// SMS accounts, messages, receipts.
+    sms: sms::SmsState,
     /// Per path: errcodes to answer before behaving normally again.
     injected: HashMap<String, VecDeque<i64>>,
     /// TEMPLATESENDJOBFINISH status per openid; absent means "success".
@@ -115,6 +124,11 @@ impl Sandbox {
             .iter()
             .map(|robot| (robot.token.clone(), robot.clone()))
             .collect();
+        let sms_accounts = config
+            .sms_accounts
+            .iter()
+            .map(|account| (account.key_id.clone(), account.clone()))
+            .collect();
         let apps = config
             .apps
             .iter()
@@ -137,6 +151,7 @@ impl Sandbox {
                     apps,
                     robot_configs,
                     wecom_corps,
+                    sms: sms::SmsState::new(sms_accounts),
                     ..State::default()
                 }),
                 requests_changed: watch::Sender::new(0),
@@ -157,6 +172,7 @@ impl Sandbox {
             .route(paths::WECOM_ROBOT, post(robots::wecom))
             .route(paths::WECOM_GETTOKEN, get(wecom::gettoken))
             .route(paths::WECOM_MESSAGE_SEND, post(wecom::send))
+            .route(paths::SMS, get(sms::root).post(sms::root))
             .route(
                 &format!("{}/{{token}}", paths::FEISHU_ROBOT),
                 post(robots::feishu),
@@ -166,7 +182,10 @@ impl Sandbox {
                 self.clone(),
                 log::record,
             ));
-        wechat.merge(control::routes()).with_state(self.clone())
+        wechat
+            .merge(control::routes())
+            .merge(sms::control_routes())
+            .with_state(self.clone())
     }
 
     /// Serves until `shutdown` resolves.

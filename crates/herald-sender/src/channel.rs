@@ -20,6 +20,11 @@ pub trait Channel: Send + Sync {
     fn default_rate_limit(&self) -> Option<crate::limit::RateLimit> {
         None
     }
+    /// Limits the provider enforces on something narrower than the account (a WeCom member,
+    /// an e-mail domain, a webhook endpoint), each reserved beside the account's own.
+    fn narrower_limits(&self, _job: &DeliveryJob) -> Vec<NarrowerLimit> {
+        Vec::new()
+    }
     /// One delivery attempt: the provider call (plus whatever immediate re-try the protocol
     /// calls for, like a fresh token), classified.
     fn send<'a>(
@@ -27,6 +32,15 @@ pub trait Channel: Send + Sync {
         job: &'a DeliveryJob,
         delivery_id: Uuid,
     ) -> Pin<Box<dyn Future<Output = Attempt> + Send + 'a>>;
+}
+
+/// A limit within a provider account: `scope` names what it counts (`member`, `domain`,
+/// `endpoint`), `id` which one.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NarrowerLimit {
+    pub scope: &'static str,
+    pub id: String,
+    pub limit: crate::limit::RateLimit,
 }
 
 /// What one attempt came to.

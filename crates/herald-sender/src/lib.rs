@@ -19,7 +19,7 @@ use std::time::Duration;
 use backon::BackoffBuilder;
 use chrono::{DateTime, Utc};
 use herald_amqp::{
-    AMQPValue, AmqpSettings, Broker, Delivery, Disposition, FieldTable, Lane, RetryTier,
+    AMQPValue, AmqpError, AmqpSettings, Broker, Delivery, Disposition, FieldTable, Lane, RetryTier,
 };
 use herald_config::{RedisSettings, TokenServiceClientSettings};
 use herald_contract::v1::DeliveryJob;
@@ -123,6 +123,8 @@ pub struct SenderSettings {
     pub smtp: BTreeMap<String, channels::email::SmtpSettings>,
     /// Provider accounts of the `webhook` channel (secrets, allow-list), by account id.
     pub webhooks: BTreeMap<String, channels::webhook::WebhookAccountSettings>,
+    /// SMS provider accounts of the `sms` channel (Tencent Cloud or Aliyun), by account id.
+    pub sms: BTreeMap<String, channels::sms::SmsAccountSettings>,
 }
 
 impl Default for SenderSettings {
@@ -152,6 +154,7 @@ impl Default for SenderSettings {
             robots: BTreeMap::new(),
             smtp: BTreeMap::new(),
             webhooks: BTreeMap::new(),
+            sms: BTreeMap::new(),
         }
     }
 }
@@ -266,12 +269,18 @@ pub async fn run(config: SenderConfig, shutdown: CancellationToken) -> Result<()
         settings: settings.clone(),
     });
 
-    let mut backoff = backon::ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(500))
-        .with_max_delay(Duration::from_secs(30))
-        .without_max_times()
-        .with_jitter()
-        .build();
+    // Reconnects are cheap and a broker restart takes 10-20 s: pauses of at most 5 s keep the
+    // time from the broker's return to the workers' small (the fault suite kills it three
+    // times a minute apart).
+    let reconnect_backoff = || {
+        backon::ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(500))
+            .with_max_delay(Duration::from_secs(5))
+            .without_max_times()
+            .with_jitter()
+            .build()
+    };
+    let mut backoff = reconnect_backoff();
     let mut started = false;
     loop {
         let began = tokio::time::Instant::now();
@@ -284,14 +293,9 @@ pub async fn run(config: SenderConfig, shutdown: CancellationToken) -> Result<()
             Err(error) => {
                 if began.elapsed() > Duration::from_secs(60) {
                     // It ran well for a while: start the backoff over.
-                    backoff = backon::ExponentialBuilder::default()
-                        .with_min_delay(Duration::from_millis(500))
-                        .with_max_delay(Duration::from_secs(30))
-                        .without_max_times()
-                        .with_jitter()
-                        .build();
+                    backoff = reconnect_backoff();
                 }
-                let pause = backoff.next().unwrap_or(Duration::from_secs(30));
+                let pause = backoff.next().unwrap_or(Duration::from_secs(5));
                 tracing::error!(%error, ?pause, "sender workers stopped; restarting them");
                 tokio::select! {
                     _ = shutdown.cancelled() => return Ok(()),
@@ -346,7 +350,7 @@ async fn run_once(
         shared: shared.clone(),
     });
     let drain = Duration::from_millis(settings.drain_timeout_ms);
-    let mut workers = tokio::task::JoinSet::new();
+    let mut workers: tokio::task::JoinSet<Result<(), AmqpError>> = tokio::task::JoinSet::new();
     let mut failed = None;
     'lanes: for channel in &settings.channels {
         for lane in Lane::ALL {
@@ -357,17 +361,30 @@ async fn run_once(
                 routing_key: topology.lane_routing_key(channel, lane),
             };
             let in_flight = settings.in_flight.of(lane);
-            let consumer = match broker
-                .consume_with_prefetch(
-                    &lane_queue.queue,
-                    &format!("herald-sender-{channel}-{}", lane.name()),
-                    in_flight,
-                )
-                .await
-            {
+            let tag = format!("herald-sender-{channel}-{}", lane.name());
+            let subscribed = tokio::select! {
+                subscribed = broker.consume_with_prefetch(&lane_queue.queue, &tag, in_flight) => {
+                    subscribed.map_err(SenderError::from)
+                }
+                // A lane already running ended (the connection dropped): subscribing the rest
+                // on that connection could wait for ever, and nothing would reconnect.
+                Some(ended) = workers.join_next() => {
+                    if shutdown.is_cancelled() {
+                        break 'lanes;
+                    }
+                    Err(match ended {
+                        Ok(Err(error)) => error.into(),
+                        _ => AmqpError::Cancelled(lane_queue.queue.clone()).into(),
+                    })
+                }
+                () = tokio::time::sleep(LANE_START_TIMEOUT) => {
+                    Err(AmqpError::Cancelled(lane_queue.queue.clone()).into())
+                }
+            };
+            let consumer = match subscribed {
                 Ok(consumer) => consumer.with_drain_timeout(drain),
                 Err(error) => {
-                    failed = Some(error.into());
+                    failed = Some(error);
                     break 'lanes;
                 }
             };
@@ -427,6 +444,9 @@ fn ready_check(
         })
     })
 }
+
+/// Bound on subscribing one lane: past it the connection is taken as lost.
+const LANE_START_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Why a delivery gave up for its next channel before its own retries ran out.
 const FALLBACK_DEADLINE: &str = "not sent within the channel's fallback_after";
@@ -508,21 +528,38 @@ impl Sender {
             return self.republish(delivery, lane, &tier, |_| {}).await;
         }
 
-        // A slot under the account's rate limit, before anything is claimed.
+        // Slots under the provider's narrower limits (a WeCom member, an e-mail domain) and the
+        // account's own, before anything is claimed: the send goes at the latest of them. The
+        // narrower go first, being the likelier to be far away (a slot left unused when a later
+        // one is too far only ever sends less).
         let asked = tokio::time::Instant::now();
-        let slot = match self.rate_limit(account, policy, channel.as_ref()) {
-            Some(limit) => self.shared.limiter.reserve(account, limit).await,
-            None => Slot::At(tokio::time::Instant::now()),
-        };
-        let send_at = match slot {
-            Slot::At(at) => at,
-            Slot::Later(wait) => {
-                meters::rate_limited(&lane.channel, account, "rescheduled");
-                tracing::debug!(?wait, "rate limit slot too far away; rescheduling");
-                let tier = self.broker.topology().tier_for(wait).clone();
-                return self.republish(delivery, lane, &tier, |_| {}).await;
+        let limit = self.rate_limit(account, policy, channel.as_ref());
+        let mut send_at = asked;
+        for narrower in channel.narrower_limits(&job) {
+            let slot = self
+                .shared
+                .limiter
+                .reserve_narrower(account, &narrower)
+                .await;
+            match slot {
+                Slot::At(at) => send_at = send_at.max(at),
+                Slot::Later(wait) => {
+                    return self
+                        .reschedule_for_limit(delivery, lane, account, narrower.scope, wait)
+                        .await;
+                }
             }
-        };
+        }
+        if let Some(limit) = limit {
+            match self.shared.limiter.reserve(account, limit).await {
+                Slot::At(at) => send_at = send_at.max(at),
+                Slot::Later(wait) => {
+                    return self
+                        .reschedule_for_limit(delivery, lane, account, "account", wait)
+                        .await;
+                }
+            }
+        }
 
         match self.store.claim_delivery(delivery_id).await {
             Ok(Claim::Claimed { attempt: calls }) => {
@@ -547,9 +584,13 @@ impl Sender {
         // The claim happened while waiting for the slot; now wait out the rest. A job that
         // reaches its slot late (a slow claim, a busy runtime) takes a new one rather than
         // crowding the sends after it.
-        if let Some(limit) = self.rate_limit(account, policy, channel.as_ref()) {
+        if let Some(limit) = limit {
             self.wait_for_slot(&lane.channel, account, limit, send_at)
                 .await;
+            meters::rate_limit_wait(account, asked.elapsed());
+        } else if send_at > tokio::time::Instant::now() {
+            tokio::time::sleep_until(send_at).await;
+            meters::rate_limited(&lane.channel, account, "waited");
             meters::rate_limit_wait(account, asked.elapsed());
         }
 
@@ -692,6 +733,22 @@ impl Sender {
                 .await
             }
         }
+    }
+
+    /// A job whose slot under a limit (`scope`: the account's or a narrower one) is too far
+    /// away goes back through a delay tier, unchanged.
+    async fn reschedule_for_limit(
+        &self,
+        delivery: &Delivery,
+        lane: &LaneQueue,
+        account: &str,
+        scope: &str,
+        wait: Duration,
+    ) -> Disposition {
+        meters::rate_limited(&lane.channel, account, "rescheduled");
+        tracing::debug!(?wait, scope, "rate limit slot too far away; rescheduling");
+        let tier = self.broker.topology().tier_for(wait).clone();
+        self.republish(delivery, lane, &tier, |_| {}).await
     }
 
     /// Sleeps until `slot`; if the wake-up comes later than half the margin, the slot is given

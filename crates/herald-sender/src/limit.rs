@@ -19,6 +19,7 @@ use redis::aio::ConnectionManager;
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
+use crate::channel::NarrowerLimit;
 use crate::meters;
 
 /// A limit: `per_second` sends, with bursts of up to `burst` at once (1: evenly spaced, so no
@@ -43,6 +44,10 @@ pub struct AccountSettings {
     pub kind: AccountKind,
     /// WeCom: the application's `agentid` (its token comes from the token service).
     pub agent_id: Option<u32>,
+    /// WeCom: what one member may receive from the application. WeCom drops, silently,
+    /// whatever passes 30 a minute per member; the default (25 a minute, bursts of 5) keeps
+    /// every 60-second window at 30 or fewer.
+    pub member_rate_limit: Option<RateLimit>,
 }
 
 /// A WeChat account's kind: subscribe messages go through the Official Account's `bizsend` or
@@ -80,6 +85,9 @@ local new_tat = tat + interval
 redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX', math.ceil((new_tat - now) / 1000) + 1000)
 return {1, wait}
 ";
+
+/// Local limiters kept at most (see `local_limiter`).
+const LOCAL_LIMITERS_MAX: usize = 10_000;
 
 /// After a Redis failure, the local limiter decides alone this long before Redis is tried again.
 const REDIS_BACKOFF: Duration = Duration::from_secs(1);
@@ -155,10 +163,21 @@ impl RateLimiter {
 
     /// Takes a slot for one send from `account`.
     pub async fn reserve(&self, account: &str, limit: RateLimit) -> Slot {
+        self.reserve_for(account, account, limit).await
+    }
+
+    /// Takes a slot under a limit within `account` (one WeCom member, one e-mail domain).
+    pub async fn reserve_narrower(&self, account: &str, narrower: &NarrowerLimit) -> Slot {
+        let id = format!("{account}/{}/{}", narrower.scope, narrower.id);
+        self.reserve_for(&id, account, narrower.limit).await
+    }
+
+    /// A slot under the limit kept as `id`; metrics name the `account` it belongs to.
+    async fn reserve_for(&self, id: &str, account: &str, limit: RateLimit) -> Slot {
         if let Some(redis) = self.redis.clone()
             && !self.redis_backing_off()
         {
-            match self.reserve_shared(redis, account, limit).await {
+            match self.reserve_shared(redis, id, limit).await {
                 Ok(slot) => return slot,
                 Err(error) => {
                     tracing::warn!(%error, account, "rate limiter: Redis unreachable; the local limiter decides for a while");
@@ -169,7 +188,7 @@ impl RateLimiter {
             }
         }
         meters::limiter_fallback(account);
-        self.reserve_local(account, limit).await
+        self.reserve_local(id, limit).await
     }
 
     fn redis_backing_off(&self) -> bool {
@@ -229,6 +248,11 @@ impl RateLimiter {
             Ok(local) => local,
             Err(poisoned) => poisoned.into_inner(),
         };
+        // Narrower limits (one per member, domain, endpoint) are many: past a bound their
+        // local state is dropped, which can only matter while Redis is unreachable.
+        if local.len() >= LOCAL_LIMITERS_MAX {
+            local.retain(|id, _| !id.contains('/'));
+        }
         local
             .entry(account.to_string())
             .or_insert_with(|| {

@@ -161,14 +161,13 @@ impl Store {
         if !transition_allowed(from, S::Sending) {
             return Ok(Claim::Finished(from));
         }
-        let attempt: i32 = tx
-            .query_one(
+        let claim = tx
+            .prepare_cached(
                 "UPDATE deliveries SET state = 'sending', attempt = attempt + 1, updated_at = now()
                  WHERE id = $1 RETURNING attempt",
-                &[&id],
             )
-            .await?
-            .get(0);
+            .await?;
+        let attempt: i32 = tx.query_one(&claim, &[&id]).await?.get(0);
         self.record_change(
             &tx,
             &row,
@@ -373,7 +372,7 @@ impl Store {
 
     async fn apply_event_locked(
         &self,
-        tx: &tokio_postgres::Transaction<'_>,
+        tx: &deadpool_postgres::Transaction<'_>,
         delivery_id: Uuid,
         event: &DeliveryEvent,
     ) -> Result<Option<S>, StoreError> {
@@ -419,7 +418,7 @@ impl Store {
     /// it exists (ids are deterministic); `true` when inserted. The caller shifts the counts.
     async fn insert_queued(
         &self,
-        tx: &tokio_postgres::Transaction<'_>,
+        tx: &deadpool_postgres::Transaction<'_>,
         message_id: Uuid,
         tenant: &str,
         d: &NewDelivery,
@@ -475,7 +474,7 @@ impl Store {
     /// step's delivery id: a failure recorded twice queues it once).
     async fn queue_fallback(
         &self,
-        tx: &tokio_postgres::Transaction<'_>,
+        tx: &deadpool_postgres::Transaction<'_>,
         failed: &tokio_postgres::Row,
         code: &str,
         next: &Fallback,
@@ -497,21 +496,24 @@ impl Store {
 
     pub(crate) async fn lock_delivery(
         &self,
-        tx: &tokio_postgres::Transaction<'_>,
+        tx: &deadpool_postgres::Transaction<'_>,
         id: Uuid,
     ) -> Result<Option<tokio_postgres::Row>, StoreError> {
-        Ok(tx
-            .query_opt(
+        // Prepared once per pooled connection (deadpool's statement cache), like the other
+        // statements of the per-send transactions: parsing and planning each time was a
+        // large share of Postgres' CPU per notification (docs/benchmarks.md).
+        let statement = tx
+            .prepare_cached(
                 "SELECT id, message_id, tenant_id, channel, state, provider_account
                  FROM deliveries WHERE id = $1 FOR UPDATE",
-                &[&id],
             )
-            .await?)
+            .await?;
+        Ok(tx.query_opt(&statement, &[&id]).await?)
     }
 
     pub(crate) async fn record_change(
         &self,
-        tx: &tokio_postgres::Transaction<'_>,
+        tx: &deadpool_postgres::Transaction<'_>,
         row: &tokio_postgres::Row,
         change: &Change<'_>,
     ) -> Result<(), StoreError> {
@@ -520,9 +522,14 @@ impl Store {
         let tenant: String = row.get(2);
         let channel: String = row.get(3);
         let from = state_of(row.get(4));
+        let statement = tx
+            .prepare_cached(
+                "INSERT INTO delivery_events (delivery_id, state, source, detail, trace_id, dedup_key)
+                 VALUES ($1, $2, $3, $4, $5, $6)",
+            )
+            .await?;
         tx.execute(
-            "INSERT INTO delivery_events (delivery_id, state, source, detail, trace_id, dedup_key)
-             VALUES ($1, $2, $3, $4, $5, $6)",
+            &statement,
             &[
                 &delivery_id,
                 &change.to.name(),
@@ -554,7 +561,7 @@ impl Store {
     #[allow(clippy::too_many_arguments)]
     pub(crate) async fn announce(
         &self,
-        tx: &tokio_postgres::Transaction<'_>,
+        tx: &deadpool_postgres::Transaction<'_>,
         delivery_id: Uuid,
         message_id: Uuid,
         tenant: &str,
@@ -624,20 +631,17 @@ impl Store {
     /// transaction ends (every writer locks its delivery rows first, then the message).
     pub(crate) async fn shift_counts(
         &self,
-        tx: &tokio_postgres::Transaction<'_>,
+        tx: &deadpool_postgres::Transaction<'_>,
         message_id: Uuid,
         deltas: &[(S, i64)],
     ) -> Result<(), StoreError> {
         if deltas.iter().all(|(_, n)| *n == 0) {
             return Ok(());
         }
-        let Some(row) = tx
-            .query_opt(
-                "SELECT state_counts FROM messages WHERE id = $1 FOR UPDATE",
-                &[&message_id],
-            )
-            .await?
-        else {
+        let select = tx
+            .prepare_cached("SELECT state_counts FROM messages WHERE id = $1 FOR UPDATE")
+            .await?;
+        let Some(row) = tx.query_opt(&select, &[&message_id]).await? else {
             return Ok(());
         };
         let stored: serde_json::Value = row.get(0);
@@ -647,12 +651,14 @@ impl Store {
         }
         counts.retain(|_, n| *n > 0);
         let state = aggregate_counts(&counts).map(|s| s.name());
-        tx.execute(
-            "UPDATE messages SET state_counts = $2, state = COALESCE($3, state),
-                updated_at = now() WHERE id = $1",
-            &[&message_id, &json!(counts), &state],
-        )
-        .await?;
+        let update = tx
+            .prepare_cached(
+                "UPDATE messages SET state_counts = $2, state = COALESCE($3, state),
+                    updated_at = now() WHERE id = $1",
+            )
+            .await?;
+        tx.execute(&update, &[&message_id, &json!(counts), &state])
+            .await?;
         Ok(())
     }
 }

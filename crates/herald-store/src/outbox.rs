@@ -66,13 +66,18 @@ const POLL: Duration = Duration::from_secs(1);
 
 impl Store {
     pub(crate) async fn insert_outbox(
-        tx: &tokio_postgres::Transaction<'_>,
+        tx: &deadpool_postgres::Transaction<'_>,
         message: &OutboxMessage,
     ) -> Result<(), StoreError> {
         let headers = serde_json::to_value(&message.headers).unwrap_or_default();
+        let statement = tx
+            .prepare_cached(
+                "INSERT INTO outbox (exchange, routing_key, headers, body, mandatory)
+                 VALUES ($1, $2, $3, $4, $5)",
+            )
+            .await?;
         tx.execute(
-            "INSERT INTO outbox (exchange, routing_key, headers, body, mandatory)
-             VALUES ($1, $2, $3, $4, $5)",
+            &statement,
             &[
                 &message.exchange,
                 &message.routing_key,
@@ -87,7 +92,7 @@ impl Store {
 
     /// Inserts many outbox rows with one statement (fan-out writes thousands per message).
     pub(crate) async fn insert_outbox_many(
-        tx: &tokio_postgres::Transaction<'_>,
+        tx: &deadpool_postgres::Transaction<'_>,
         messages: &[OutboxMessage],
         jobs: &[OutboxJob],
     ) -> Result<(), StoreError> {

@@ -118,9 +118,45 @@ impl HeraldConfig {
             .or_insert_with(
                 || herald_sender::channels::webhook::WebhookAccountSettings {
                     secrets: vec![demo::WEBHOOK_SECRET.into()],
-                    allow: Vec::new(),
+                    ..Default::default()
                 },
             );
+        // The sandbox's demo SMS accounts, and their receipts (the Stack points the sandbox's
+        // receipt URLs at the callback receiver).
+        for account in herald_sandbox::SandboxSmsAccount::demo() {
+            let (id, provider, receipts, token) = match account.provider {
+                herald_sandbox::SmsProvider::TencentSms => (
+                    demo::SMS_TENCENT_ACCOUNT,
+                    herald_sender::channels::sms::SmsProvider::TencentSms,
+                    herald_callback::sms::SmsReceiptProvider::TencentSms,
+                    demo::SMS_TENCENT_RECEIPT_TOKEN,
+                ),
+                herald_sandbox::SmsProvider::AliyunSms => (
+                    demo::SMS_ALIYUN_ACCOUNT,
+                    herald_sender::channels::sms::SmsProvider::AliyunSms,
+                    herald_callback::sms::SmsReceiptProvider::AliyunSms,
+                    demo::SMS_ALIYUN_RECEIPT_TOKEN,
+                ),
+            };
+            self.sender.sms.entry(id.to_string()).or_insert_with(|| {
+                herald_sender::channels::sms::SmsAccountSettings {
+                    provider: Some(provider),
+                    key_id: account.key_id.clone(),
+                    key_secret: account.key_secret.clone(),
+                    base_url: "http://127.0.0.1:8099".into(),
+                    region: String::new(),
+                    sdk_app_id: account.sdk_app_id.clone(),
+                    sign_name: account.sign_names.first().cloned().unwrap_or_default(),
+                    number_rate_limit: None,
+                }
+            });
+            self.callback.sms.entry(id.to_string()).or_insert_with(|| {
+                herald_callback::SmsCallbackAccount {
+                    provider: receipts,
+                    token: token.into(),
+                }
+            });
+        }
         self.callback
             .wechat
             .entry(demo::ACCOUNT.to_string())

@@ -28,6 +28,16 @@ pub const FEISHU_ROBOT: &str = "demo-feishu";
 pub const EMAIL_ACCOUNT: &str = "demo-email";
 pub const EMAIL_FROM: &str = "Demo shop <no-reply@shop.example>";
 pub const EMAIL_RELAY_PORT: u16 = 2525;
+/// The demo SMS accounts (the sandbox's demo Tencent Cloud and Aliyun accounts). Aliyun's is
+/// the tenant's default `sms` account (the demo template's `sms` variant names it); Tencent's
+/// is there for templates with a Tencent template id.
+pub const SMS_TENCENT_ACCOUNT: &str = "demo-sms-tencent";
+pub const SMS_ALIYUN_ACCOUNT: &str = "demo-sms-aliyun";
+/// The secrets in the demo accounts' receipt URLs (`?token=`).
+pub const SMS_TENCENT_RECEIPT_TOKEN: &str = "demo-tencent-sms-receipt-token-0001";
+pub const SMS_ALIYUN_RECEIPT_TOKEN: &str = "demo-aliyun-sms-receipt-token-0001";
+/// A mainland number for the demo.
+pub const SMS_PHONE: &str = "+8613800138000";
 /// The demo tenant's `webhook` account and its signing secret (base64 of
 /// `herald-demo-webhook-secret-0001`). No allow-list: private targets are refused until
 /// `[sender.webhooks.demo-webhook] allow` names them.
@@ -43,7 +53,7 @@ pub fn template_definition() -> Result<TemplateDefinition, herald_renderer::Rend
 }
 
 /// Seeds the demo tenant (publishing over AMQP as `amqp_user`), its API key, its WeChat
-/// account, WeCom application, group robots and SMTP account, and the `order_shipped`
+/// account, WeCom application, group robots, SMTP and SMS accounts, and the `order_shipped`
 /// template. Idempotent.
 pub async fn seed(store: &Store, amqp_user: &str) -> Result<(), herald_store::StoreError> {
     store
@@ -71,6 +81,14 @@ pub async fn seed(store: &Store, amqp_user: &str) -> Result<(), herald_store::St
     ] {
         store
             .upsert_provider_account(id, TENANT, kind, channel, app_id, true)
+            .await?;
+    }
+    for (id, kind, app_id, default) in [
+        (SMS_ALIYUN_ACCOUNT, "aliyun_sms", "", true),
+        (SMS_TENCENT_ACCOUNT, "tencent_sms", "1400000001", false),
+    ] {
+        store
+            .upsert_provider_account(id, TENANT, kind, channels::SMS, app_id, default)
             .await?;
     }
     let definition = template_definition()

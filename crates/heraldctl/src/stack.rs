@@ -89,35 +89,16 @@ impl Stack {
             Some(address) => Some(bind(&address).await?),
             None => None,
         };
+        wire(
+            &mut config,
+            &sandbox_addr.to_string(),
+            &token_addr.to_string(),
+            &ingress_addr.to_string(),
+            &callback_addr.to_string(),
+        );
         let sandbox_url = format!("http://{sandbox_addr}");
         let callback_url = format!("http://{callback_addr}");
         let token_url = format!("http://{token_addr}");
-        config.sandbox.listen = sandbox_addr.to_string();
-        config.token.listen = token_addr.to_string();
-        config.ingress.listen = ingress_addr.to_string();
-        config.callback.listen = callback_addr.to_string();
-        for account in config.token.accounts.values_mut() {
-            account.base_url = sandbox_url.clone();
-        }
-        config.sender.wechat_base_url = sandbox_url.clone();
-        config.sender.wecom_base_url = sandbox_url.clone();
-        for robot in config.sender.robots.values_mut() {
-            if let Some(path) = robot.url.strip_prefix("http://127.0.0.1:8099") {
-                robot.url = format!("{sandbox_url}{path}");
-            }
-        }
-        config.token_service.url = token_url.clone();
-        config.token_service.auth_token = config.token.auth_token.clone();
-        for app in &mut config.sandbox.apps {
-            if let Some((id, _)) = config
-                .callback
-                .wechat
-                .iter()
-                .find(|(_, a)| a.appid == app.appid)
-            {
-                app.callback_url = Some(format!("{callback_url}/v1/callbacks/wechat/{id}"));
-            }
-        }
 
         let shutdown = CancellationToken::new();
         let admin_url = admin
@@ -265,6 +246,62 @@ impl<E: std::fmt::Display> ServiceHandle<E> {
         match self.task.await {
             Ok(result) => result.map_err(|e| e.to_string()),
             Err(e) => Err(e.to_string()),
+        }
+    }
+}
+
+/// Points the services at each other (`host:port` of each listener) and every provider account
+/// configured for the local sandbox (`127.0.0.1:8099`) at the sandbox's address, and tells the
+/// sandbox where to send callbacks and SMS receipts. Used by `Stack::start` and by herald-bench.
+pub fn wire(config: &mut HeraldConfig, sandbox: &str, token: &str, ingress: &str, callback: &str) {
+    let sandbox_url = format!("http://{sandbox}");
+    let callback_url = format!("http://{callback}");
+    let token_url = format!("http://{token}");
+    config.sandbox.listen = sandbox.to_string();
+    config.token.listen = token.to_string();
+    config.ingress.listen = ingress.to_string();
+    config.callback.listen = callback.to_string();
+    for account in config.token.accounts.values_mut() {
+        account.base_url = sandbox_url.clone();
+    }
+    config.sender.wechat_base_url = sandbox_url.clone();
+    config.sender.wecom_base_url = sandbox_url.clone();
+    for robot in config.sender.robots.values_mut() {
+        if let Some(path) = robot.url.strip_prefix("http://127.0.0.1:8099") {
+            robot.url = format!("{sandbox_url}{path}");
+        }
+    }
+    for account in config.sender.sms.values_mut() {
+        if account.base_url.starts_with("http://127.0.0.1:8099") {
+            account.base_url = sandbox_url.clone();
+        }
+    }
+    // The sandbox's SMS accounts push receipts to the account Herald sends them with.
+    for sandbox_account in &mut config.sandbox.sms_accounts {
+        let sender = config
+            .sender
+            .sms
+            .iter()
+            .find(|(_, a)| a.key_id == sandbox_account.key_id);
+        if let Some((id, _)) = sender
+            && let Some(receipts) = config.callback.sms.get(id)
+        {
+            sandbox_account.receipt_url = Some(format!(
+                "{callback_url}/v1/callbacks/sms/{id}?token={}",
+                receipts.token
+            ));
+        }
+    }
+    config.token_service.url = token_url;
+    config.token_service.auth_token = config.token.auth_token.clone();
+    for app in &mut config.sandbox.apps {
+        if let Some((id, _)) = config
+            .callback
+            .wechat
+            .iter()
+            .find(|(_, a)| a.appid == app.appid)
+        {
+            app.callback_url = Some(format!("{callback_url}/v1/callbacks/wechat/{id}"));
         }
     }
 }

@@ -17,7 +17,7 @@ pub const WECOM: &str = herald_contract::channels::WECOM;
 pub const DINGTALK: &str = herald_contract::channels::DINGTALK;
 pub const FEISHU: &str = herald_contract::channels::FEISHU;
 pub const EMAIL: &str = herald_contract::channels::EMAIL;
-pub const SMS: &str = "sms";
+pub const SMS: &str = herald_contract::channels::SMS;
 pub const WEBHOOK: &str = "webhook";
 
 /// Every channel a template may have a variant for.
@@ -950,24 +950,61 @@ impl Variant for Email {
 }
 
 /// `sms`: a provider template (its id per account, and parameters), or plain text.
+///
+/// Parameters are named (a map: Aliyun's `${name}`) or positional (a list: Tencent Cloud's
+/// `{1}`, `{2}`, …); the sender of each provider takes the form its API does.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Sms {
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub template_ids: BTreeMap<String, String>,
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub params: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "SmsParams::is_empty")]
+    pub params: SmsParams,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub text: Option<String>,
 }
 
+/// An SMS template's parameters: named (Aliyun) or in order (Tencent Cloud).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum SmsParams {
+    Named(BTreeMap<String, String>),
+    Positional(Vec<String>),
+}
+
+impl Default for SmsParams {
+    fn default() -> Self {
+        SmsParams::Named(BTreeMap::new())
+    }
+}
+
+impl SmsParams {
+    pub fn is_empty(&self) -> bool {
+        match self {
+            SmsParams::Named(map) => map.is_empty(),
+            SmsParams::Positional(list) => list.is_empty(),
+        }
+    }
+
+    /// `(path, template)` of every parameter.
+    fn entries(&self) -> Vec<(String, &str)> {
+        match self {
+            SmsParams::Named(map) => map
+                .iter()
+                .map(|(key, value)| (format!("params.{key}"), value.as_str()))
+                .collect(),
+            SmsParams::Positional(list) => list
+                .iter()
+                .enumerate()
+                .map(|(i, value)| (format!("params[{i}]"), value.as_str()))
+                .collect(),
+        }
+    }
+}
+
 impl Variant for Sms {
     fn sources(&self) -> Vec<(String, &str)> {
-        let mut out: Vec<(String, &str)> = self
-            .params
-            .iter()
-            .map(|(key, value)| (format!("params.{key}"), value.as_str()))
-            .collect();
+        let mut out = self.params.entries();
         if let Some(text) = &self.text {
             out.push(("text".into(), text));
         }
@@ -1003,19 +1040,31 @@ impl Variant for Sms {
             max_chars(fields, "text", &text, SMS_TEXT_CHARS, "an SMS")?;
             return Ok(json!({ "text": text }));
         }
-        let mut params = Map::new();
-        for key in self.params.keys() {
-            let path = format!("params.{key}");
-            let value = fields.text(&path)?;
+        let param = |path: &str| -> Result<Value, RenderError> {
+            let value = fields.text(path)?;
             max_chars(
                 fields,
-                &path,
+                path,
                 &value,
                 SMS_PARAM_CHARS,
                 "an SMS template parameter",
             )?;
-            params.insert(key.clone(), Value::String(value));
-        }
+            Ok(Value::String(value))
+        };
+        let params = match &self.params {
+            SmsParams::Named(map) => {
+                let mut params = Map::new();
+                for key in map.keys() {
+                    params.insert(key.clone(), param(&format!("params.{key}"))?);
+                }
+                Value::Object(params)
+            }
+            SmsParams::Positional(list) => Value::Array(
+                (0..list.len())
+                    .map(|i| param(&format!("params[{i}]")))
+                    .collect::<Result<_, _>>()?,
+            ),
+        };
         Ok(json!({
             "template_id": template_id(fields, &self.template_ids)?,
             "params": params,

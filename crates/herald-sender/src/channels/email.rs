@@ -33,7 +33,8 @@ use serde_json::Value;
 use tracing::Instrument;
 use uuid::Uuid;
 
-use crate::channel::{Attempt, Channel, FailureKind};
+use crate::channel::{Attempt, Channel, FailureKind, NarrowerLimit};
+use crate::limit::RateLimit;
 use crate::meters;
 
 /// The header carrying the delivery id (the `Message-ID` carries it too).
@@ -65,7 +66,7 @@ impl SmtpTls {
 /// `[sender.smtp."<account>"]`: one SMTP provider account. The password comes from the
 /// environment or a secret store in production (`HERALD_SENDER__SMTP__<ID>__PASSWORD`) and is
 /// never logged (the settings print it as `***`).
-#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct SmtpSettings {
     pub host: String,
@@ -87,6 +88,12 @@ pub struct SmtpSettings {
     pub pool_size: u32,
     /// Bound on connecting and on each SMTP command.
     pub timeout_ms: u64,
+    /// What one recipient domain may receive from this account, for receivers that throttle
+    /// or greylist a busy sender (large mailbox providers): `domain_rate_limits` by domain
+    /// (`"qq.com" = { per_second = 5 }`), `domain_rate_limit` for every other one (none by
+    /// default). The domain is the address's, lower-cased.
+    pub domain_rate_limit: Option<RateLimit>,
+    pub domain_rate_limits: BTreeMap<String, RateLimit>,
 }
 
 impl Default for SmtpSettings {
@@ -102,6 +109,8 @@ impl Default for SmtpSettings {
             ca_file: None,
             pool_size: 4,
             timeout_ms: 30_000,
+            domain_rate_limit: None,
+            domain_rate_limits: BTreeMap::new(),
         }
     }
 }
@@ -119,6 +128,8 @@ impl std::fmt::Debug for SmtpSettings {
             .field("ca_file", &self.ca_file)
             .field("pool_size", &self.pool_size)
             .field("timeout_ms", &self.timeout_ms)
+            .field("domain_rate_limit", &self.domain_rate_limit)
+            .field("domain_rate_limits", &self.domain_rate_limits)
             .finish()
     }
 }
@@ -270,6 +281,8 @@ struct Account {
     connections: tokio::sync::Semaphore,
     from: Mailbox,
     host: String,
+    domain_rate_limit: Option<RateLimit>,
+    domain_rate_limits: BTreeMap<String, RateLimit>,
 }
 
 impl Account {
@@ -335,6 +348,12 @@ impl Account {
             ),
             from,
             host: settings.host.clone(),
+            domain_rate_limit: settings.domain_rate_limit,
+            domain_rate_limits: settings
+                .domain_rate_limits
+                .iter()
+                .map(|(domain, limit)| (domain.to_ascii_lowercase(), *limit))
+                .collect(),
         })
     }
 
@@ -454,6 +473,29 @@ impl Channel for Email {
 
     fn provider(&self) -> &'static str {
         "smtp"
+    }
+
+    fn narrower_limits(&self, job: &DeliveryJob) -> Vec<NarrowerLimit> {
+        let Some(account) = self.accounts.get(&job.provider_account) else {
+            return Vec::new();
+        };
+        let Some((_, domain)) = job.recipient.rsplit_once('@') else {
+            return Vec::new();
+        };
+        let domain = domain.trim_end_matches('>').to_ascii_lowercase();
+        let limit = account
+            .domain_rate_limits
+            .get(&domain)
+            .copied()
+            .or(account.domain_rate_limit);
+        limit
+            .map(|limit| NarrowerLimit {
+                scope: "domain",
+                id: domain,
+                limit,
+            })
+            .into_iter()
+            .collect()
     }
 
     fn send<'a>(
@@ -738,5 +780,45 @@ mod tests {
             },
             "{error:?}"
         );
+    }
+
+    #[tokio::test]
+    async fn a_domain_limit_applies_by_the_recipients_domain() {
+        let named = RateLimit {
+            per_second: 5.0,
+            burst: 1,
+        };
+        let others = RateLimit {
+            per_second: 20.0,
+            burst: 1,
+        };
+        let mut smtp = BTreeMap::new();
+        smtp.insert(
+            "limited".to_string(),
+            SmtpSettings {
+                host: "127.0.0.1".into(),
+                from: "Shop <no-reply@shop.example>".into(),
+                tls: SmtpTls::None,
+                domain_rate_limit: Some(others),
+                domain_rate_limits: BTreeMap::from([("QQ.com".to_string(), named)]),
+                ..Default::default()
+            },
+        );
+        let email = Email::new(&smtp).expect("valid");
+        let limits = |to: &str| {
+            email.narrower_limits(&DeliveryJob {
+                provider_account: "limited".into(),
+                recipient: to.into(),
+                ..Default::default()
+            })
+        };
+        let domain = |id: &str, limit| NarrowerLimit {
+            scope: "domain",
+            id: id.into(),
+            limit,
+        };
+        assert_eq!(limits("li@qq.com"), [domain("qq.com", named)]);
+        assert_eq!(limits("Wang@Example.ORG"), [domain("example.org", others)]);
+        assert!(limits("no-domain").is_empty());
     }
 }

@@ -2,6 +2,7 @@
 
 pub mod email;
 pub mod robots;
+pub mod sms;
 pub mod webhook;
 pub mod wechat;
 pub mod wecom;
@@ -56,6 +57,7 @@ pub fn build(
         ))),
         channels::EMAIL => Ok(Arc::new(email::Email::new(&settings.smtp)?)),
         channels::WEBHOOK => Ok(Arc::new(webhook::Webhooks::new(settings)?)),
+        channels::SMS => Ok(Arc::new(sms::Sms::new(shared.http.clone(), &settings.sms)?)),
         other => Err(format!("sender.channels: unknown channel `{other}`")),
     }
 }

@@ -31,7 +31,7 @@ use serde_json::Value;
 use tracing::Instrument;
 use uuid::Uuid;
 
-use crate::channel::{Attempt, Channel, FailureKind};
+use crate::channel::{Attempt, Channel, FailureKind, NarrowerLimit};
 use crate::limit::RateLimit;
 use crate::meters;
 
@@ -44,7 +44,7 @@ const PROVIDER: &str = "webhook";
 /// `[sender.webhooks."<account>"]`: a provider account of the `webhook` channel (typically one
 /// per tenant). Secrets come from the environment or a secret store in production
 /// (`HERALD_SENDER__WEBHOOKS__<ID>__SECRETS`, space-separated) and are never logged.
-#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct WebhookAccountSettings {
     /// `whsec_<base64>` signing secrets; each request is signed with every one of them
@@ -55,6 +55,10 @@ pub struct WebhookAccountSettings {
     /// CIDR blocks (`127.0.0.1/32`), addresses or host names that may be private: internal
     /// receivers the operator trusts. Everything else must be a public address.
     pub allow: Vec<String>,
+    /// What one endpoint (scheme, host and port of its URL) may receive, so one tenant's
+    /// slow receiver is not flooded by a burst meant for many (none by default: the
+    /// account's own limit still holds).
+    pub endpoint_rate_limit: Option<RateLimit>,
 }
 
 /// A list of strings, or one string of space-separated words.
@@ -76,6 +80,7 @@ impl std::fmt::Debug for WebhookAccountSettings {
         f.debug_struct("WebhookAccountSettings")
             .field("secrets", &format_args!("[*** x{}]", self.secrets.len()))
             .field("allow", &self.allow)
+            .field("endpoint_rate_limit", &self.endpoint_rate_limit)
             .finish()
     }
 }
@@ -143,6 +148,7 @@ struct Account {
     allow: Arc<Allow>,
     /// The account's own client: its resolver knows the account's allow-list.
     http: reqwest::Client,
+    endpoint_rate_limit: Option<RateLimit>,
 }
 
 /// The `webhook` channel.
@@ -182,6 +188,7 @@ impl Webhooks {
                     secrets,
                     allow,
                     http,
+                    endpoint_rate_limit: account.endpoint_rate_limit,
                 },
             );
         }
@@ -328,6 +335,25 @@ impl Channel for Webhooks {
         })
     }
 
+    fn narrower_limits(&self, job: &DeliveryJob) -> Vec<NarrowerLimit> {
+        let limit = self
+            .accounts
+            .get(&job.provider_account)
+            .and_then(|account| account.endpoint_rate_limit);
+        let endpoint = reqwest::Url::parse(&job.recipient)
+            .ok()
+            .map(|url| url.origin().ascii_serialization());
+        match (limit, endpoint) {
+            (Some(limit), Some(endpoint)) => vec![NarrowerLimit {
+                scope: "endpoint",
+                id: endpoint,
+                limit,
+            }],
+            // An unparsable URL fails in the send, with its reason.
+            _ => Vec::new(),
+        }
+    }
+
     fn send<'a>(
         &'a self,
         job: &'a DeliveryJob,
@@ -401,6 +427,7 @@ mod tests {
         let account = WebhookAccountSettings {
             secrets: vec!["whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".into()],
             allow: vec!["127.0.0.1/32".into()],
+            ..Default::default()
         };
         let shown = format!("{account:?}");
         assert!(
@@ -426,7 +453,7 @@ mod tests {
             "t-webhook".into(),
             WebhookAccountSettings {
                 secrets: vec!["whsec_!!".into()],
-                allow: vec![],
+                ..Default::default()
             },
         );
         let error = Webhooks::new(&settings).err().expect("refused");
@@ -437,11 +464,61 @@ mod tests {
         settings.webhooks.insert(
             "t-webhook".into(),
             WebhookAccountSettings {
-                secrets: vec![],
                 allow: vec!["10.0.0.0/40".into()],
+                ..Default::default()
             },
         );
         let error = Webhooks::new(&settings).err().expect("refused");
         assert!(error.contains("sender.webhooks.t-webhook.allow"), "{error}");
+    }
+
+    #[test]
+    fn an_endpoint_is_the_urls_origin() {
+        let mut settings = crate::SenderSettings::default();
+        let limit = RateLimit {
+            per_second: 2.0,
+            burst: 5,
+        };
+        settings.webhooks.insert(
+            "limited".into(),
+            WebhookAccountSettings {
+                secrets: vec!["whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".into()],
+                endpoint_rate_limit: Some(limit),
+                ..Default::default()
+            },
+        );
+        settings.webhooks.insert(
+            "open".into(),
+            WebhookAccountSettings {
+                secrets: vec!["whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".into()],
+                ..Default::default()
+            },
+        );
+        let webhooks = Webhooks::new(&settings).expect("valid");
+        let job = |account: &str, url: &str| DeliveryJob {
+            provider_account: account.into(),
+            recipient: url.into(),
+            ..Default::default()
+        };
+        let limits =
+            webhooks.narrower_limits(&job("limited", "https://Hooks.Example.com:8443/a/b?c=d"));
+        assert_eq!(
+            limits,
+            [NarrowerLimit {
+                scope: "endpoint",
+                id: "https://hooks.example.com:8443".into(),
+                limit,
+            }]
+        );
+        assert!(
+            webhooks
+                .narrower_limits(&job("open", "https://hooks.example.com/"))
+                .is_empty()
+        );
+        assert!(
+            webhooks
+                .narrower_limits(&job("limited", "not a url"))
+                .is_empty()
+        );
     }
 }

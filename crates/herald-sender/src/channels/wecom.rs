@@ -16,7 +16,8 @@ use serde_json::Value;
 use tracing::Instrument;
 use uuid::Uuid;
 
-use crate::channel::{Attempt, Channel, Defer, FailureKind, token_failure};
+use crate::channel::{Attempt, Channel, Defer, FailureKind, NarrowerLimit, token_failure};
+use crate::limit::RateLimit;
 use crate::meters;
 
 pub const MESSAGE_SEND: &str = "/cgi-bin/message/send";
@@ -77,7 +78,17 @@ pub struct Wecom {
     base_url: String,
     /// `agent_id` per provider account.
     agents: std::collections::BTreeMap<String, u32>,
+    /// Configured per-member limits (`member_rate_limit`) per provider account.
+    member_limits: std::collections::BTreeMap<String, RateLimit>,
 }
+
+/// WeCom's per-member limit is 30 messages a minute, and it drops the excess without an
+/// error. GCRA at 25 a minute with bursts of 5 lets at most 5 + 25 = 30 through in any
+/// 60-second window.
+pub const MEMBER_RATE_LIMIT: RateLimit = RateLimit {
+    per_second: 25.0 / 60.0,
+    burst: 5,
+};
 
 impl Wecom {
     pub fn new(shared: super::Shared, settings: &crate::SenderSettings) -> Self {
@@ -86,10 +97,16 @@ impl Wecom {
             .iter()
             .filter_map(|(id, a)| a.agent_id.map(|agent| (id.clone(), agent)))
             .collect();
+        let member_limits = settings
+            .accounts
+            .iter()
+            .filter_map(|(id, a)| a.member_rate_limit.map(|limit| (id.clone(), limit)))
+            .collect();
         Self {
             shared,
             base_url: settings.wecom_base_url.clone(),
             agents,
+            member_limits,
         }
     }
 
@@ -230,6 +247,19 @@ impl Channel for Wecom {
 
     fn provider(&self) -> &'static str {
         "wecom"
+    }
+
+    fn narrower_limits(&self, job: &DeliveryJob) -> Vec<NarrowerLimit> {
+        let limit = self
+            .member_limits
+            .get(&job.provider_account)
+            .copied()
+            .unwrap_or(MEMBER_RATE_LIMIT);
+        vec![NarrowerLimit {
+            scope: "member",
+            id: job.recipient.clone(),
+            limit,
+        }]
     }
 
     fn send<'a>(
