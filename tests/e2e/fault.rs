@@ -113,7 +113,7 @@ impl Producer {
         }
     }
 
-    /// Closes the connection (an open one would try to recover once the broker is gone).
+    /// Closes the connection for good.
     async fn close(mut self) {
         if let Some(broker) = self.broker.take() {
             let _ = tokio::time::timeout(Duration::from_secs(2), broker.close()).await;
@@ -127,9 +127,7 @@ impl Producer {
             if self.broker.is_none() {
                 match tokio::time::timeout(
                     Duration::from_secs(5),
-                    // No lapin recovery: a connection this producer gave up on must not
-                    // go on reconnecting by itself.
-                    Broker::connect_supervised(&self.settings, "fault-producer"),
+                    Broker::connect(&self.settings, "fault-producer"),
                 )
                 .await
                 {
@@ -536,7 +534,7 @@ async fn every_accepted_notification_ends_final_once_through_faults() {
     let flood_started = Instant::now();
     malformed_flood(config.amqp.clone(), profile.malformed, produced.clone()).await;
     let flood_publish = flood_started.elapsed();
-    let observer = Broker::connect_supervised(&config.amqp, "fault-observer")
+    let observer = Broker::connect(&config.amqp, "fault-observer")
         .await
         .expect("observer connection");
     let dead_queue = observer.topology().dead_queue();
@@ -888,7 +886,7 @@ async fn dead_depth(settings: &AmqpSettings, queue: &str) -> u32 {
 
 /// Takes every message out of the dead-letter queue: (headers, body) of each.
 async fn drain_dead_letters(settings: &AmqpSettings) -> Vec<(FieldTable, Vec<u8>)> {
-    let broker = Broker::connect_supervised(settings, "fault-dlq")
+    let broker = Broker::connect(settings, "fault-dlq")
         .await
         .expect("dlq connection");
     let queue = broker.topology().dead_queue();

@@ -6,6 +6,8 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldArray, FieldTable};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use tracing::Instrument;
 
@@ -16,10 +18,107 @@ use crate::{AmqpError, AmqpSettings, Topology};
 
 pub type Delivery = LapinDelivery;
 
-/// One auto-recovering connection with a confirmed publisher channel.
+/// How long one attempt to connect (TCP, TLS, AMQP handshake) may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long opening a channel or subscribing may take before the connection is taken as lost.
+const CHANNEL_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a publish keeps trying through a lost connection before it fails.
+const PUBLISH_RECOVERY: Duration = Duration::from_secs(30);
+
+/// The connection to the broker, opened again when it is lost.
+///
+/// lapin's own recovery is not used: in the fault suite it hung for good after a second broker
+/// restart, and could not re-declare a server-named queue. Here a lost connection is replaced
+/// by a new one on the next use (one caller connects, the others wait for it); consumers
+/// subscribe again and publishers open a new channel, each pacing its own retries.
+struct Link {
+    url: String,
+    name: String,
+    current: std::sync::Mutex<Arc<Connection>>,
+    reconnecting: tokio::sync::Mutex<()>,
+    closed: AtomicBool,
+}
+
+impl Link {
+    async fn open(url: &str, name: String) -> Result<Arc<Self>, AmqpError> {
+        let connection = Self::dial(url, &name).await?;
+        Ok(Arc::new(Self {
+            url: url.to_string(),
+            name,
+            current: std::sync::Mutex::new(connection),
+            reconnecting: tokio::sync::Mutex::new(()),
+            closed: AtomicBool::new(false),
+        }))
+    }
+
+    async fn dial(url: &str, name: &str) -> Result<Arc<Connection>, AmqpError> {
+        let properties = ConnectionProperties::default().with_connection_name(name.into());
+        let connection = within(CONNECT_TIMEOUT, Connection::connect(url, properties)).await?;
+        Ok(Arc::new(connection))
+    }
+
+    fn current(&self) -> Arc<Connection> {
+        match self.current.lock() {
+            Ok(guard) => guard.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// A usable connection: the current one, or a new one if it is gone (one attempt).
+    async fn connected(&self) -> Result<Arc<Connection>, AmqpError> {
+        let current = self.current();
+        if current.status().connected() {
+            return Ok(current);
+        }
+        let _turn = self.reconnecting.lock().await;
+        let current = self.current();
+        if current.status().connected() {
+            return Ok(current);
+        }
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(AmqpError::Closed);
+        }
+        let fresh = Self::dial(&self.url, &self.name).await?;
+        tracing::info!(connection = %self.name, "connected to the broker again");
+        match self.current.lock() {
+            Ok(mut guard) => *guard = fresh.clone(),
+            Err(poisoned) => *poisoned.into_inner() = fresh.clone(),
+        }
+        Ok(fresh)
+    }
+
+    async fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        let _ = self.current().close(200, "shutdown".into()).await;
+    }
+}
+
+/// `future`, or [`AmqpError::Timeout`] after `limit`.
+async fn within<T>(
+    limit: Duration,
+    future: impl std::future::Future<Output = lapin::Result<T>>,
+) -> Result<T, AmqpError> {
+    match tokio::time::timeout(limit, future).await {
+        Ok(result) => Ok(result?),
+        Err(_) => Err(AmqpError::Timeout(limit)),
+    }
+}
+
+/// Pauses between attempts to reach the broker again: 250 ms doubling to 5 s, jittered.
+fn reconnect_pauses() -> impl Iterator<Item = Duration> {
+    backon::BackoffBuilder::build(
+        backon::ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(250))
+            .with_max_delay(Duration::from_secs(5))
+            .without_max_times()
+            .with_jitter(),
+    )
+}
+
+/// One connection to the broker, opened again when lost, with a confirmed publisher channel.
 #[derive(Clone)]
 pub struct Broker {
-    connection: Arc<Connection>,
+    link: Arc<Link>,
     publisher: Publisher,
     topology: Topology,
     prefetch: u16,
@@ -36,52 +135,25 @@ impl std::fmt::Debug for Broker {
 
 impl Broker {
     /// Connects (naming the connection after the service) and opens a confirmed publisher.
-    /// lapin recovers the connection and its channels by itself after a loss.
+    /// A connection lost later is opened again on the next use (see [`Link`]).
     pub async fn connect(settings: &AmqpSettings, service: &str) -> Result<Self, AmqpError> {
-        Self::open(settings, service, true).await
-    }
-
-    /// Connects without lapin's own recovery: a lost connection ends every consumer with an
-    /// error at once, for a service whose supervisor reconnects and starts over (the sender:
-    /// jobs whose acks were lost are redelivered and recognised as settled). lapin's recovery
-    /// could leave an ack waiting on a channel that never came back.
-    pub async fn connect_supervised(
-        settings: &AmqpSettings,
-        service: &str,
-    ) -> Result<Self, AmqpError> {
-        Self::open(settings, service, false).await
-    }
-
-    async fn open(
-        settings: &AmqpSettings,
-        service: &str,
-        recover: bool,
-    ) -> Result<Self, AmqpError> {
         let topology = Topology::new(settings).map_err(AmqpError::Config)?;
-        let mut properties = ConnectionProperties::default()
-            .with_connection_name(format!("herald-{service}").into());
-        if recover {
-            properties = properties.enable_auto_recover();
-        }
-        let connection = Connection::connect(&settings.url, properties).await?;
-        let connection = Arc::new(connection);
-        let channel = Publisher::open_channel(&connection).await?;
+        let link = Link::open(&settings.url, format!("herald-{service}")).await?;
+        let channel = Publisher::open_channel(&link.current()).await?;
         Ok(Self {
             publisher: Publisher {
-                connection: connection.clone(),
-                channel: Arc::new(std::sync::Mutex::new(channel)),
+                link: link.clone(),
+                channel: Arc::new(tokio::sync::Mutex::new(channel)),
             },
-            connection,
+            link,
             topology,
             prefetch: settings.prefetch,
-            depth_sample_interval: std::time::Duration::from_millis(
-                settings.depth_sample_interval_ms,
-            ),
+            depth_sample_interval: Duration::from_millis(settings.depth_sample_interval_ms),
         })
     }
 
     /// How often consumers sample queue depths (zero: never).
-    pub fn depth_sample_interval(&self) -> std::time::Duration {
+    pub fn depth_sample_interval(&self) -> Duration {
         self.depth_sample_interval
     }
 
@@ -95,7 +167,7 @@ impl Broker {
 
     /// Declares the whole topology (idempotent).
     pub async fn declare_topology(&self) -> Result<(), AmqpError> {
-        let channel = self.connection.create_channel().await?;
+        let channel = self.open_channel().await?;
         let result = self.topology.declare(&channel).await;
         let _ = channel.close(200, "OK".into()).await;
         result
@@ -103,7 +175,7 @@ impl Broker {
 
     /// Deletes the whole topology (test teardown).
     pub async fn delete_topology(&self) -> Result<(), AmqpError> {
-        let channel = self.connection.create_channel().await?;
+        let channel = self.open_channel().await?;
         let result = self.topology.delete(&channel).await;
         let _ = channel.close(200, "OK".into()).await;
         result
@@ -123,19 +195,15 @@ impl Broker {
         consumer_tag: &str,
         prefetch: u16,
     ) -> Result<Consumer, AmqpError> {
-        let channel = self.connection.create_channel().await?;
-        channel
-            .basic_qos(prefetch.max(1), BasicQosOptions::default())
-            .await?;
-        let inner = channel
-            .basic_consume(
-                queue.into(),
-                consumer_tag.into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
+        let subscription = Subscription {
+            queue: queue.to_string(),
+            consumer_tag: consumer_tag.to_string(),
+            prefetch: prefetch.max(1),
+        };
+        let (channel, inner) = subscription.subscribe(&self.link).await?;
         Ok(Consumer {
+            link: self.link.clone(),
+            resubscribe: Some(subscription),
             channel,
             inner,
             queue: queue.to_string(),
@@ -145,17 +213,20 @@ impl Broker {
 
     /// A plain channel on this connection (operator tools: `basic_get`, acks by hand).
     pub async fn open_channel(&self) -> Result<Channel, AmqpError> {
-        Ok(self.connection.create_channel().await?)
+        let connection = self.link.connected().await?;
+        within(CHANNEL_TIMEOUT, connection.create_channel()).await
     }
 
     /// Subscribes a private, server-named queue (gone when this connection closes) to
     /// `exchange` with `binding_key`: how a producer or an operator watches status events.
+    /// Such a subscription is not renewed: when the connection is lost, `next` answers an
+    /// error, and the caller (who missed whatever was published meanwhile) subscribes again.
     pub async fn subscribe_temporary(
         &self,
         exchange: &str,
         binding_key: &str,
     ) -> Result<Consumer, AmqpError> {
-        let channel = self.connection.create_channel().await?;
+        let channel = self.open_channel().await?;
         let queue = channel
             .queue_declare(
                 "".into(),
@@ -189,6 +260,8 @@ impl Broker {
             )
             .await?;
         Ok(Consumer {
+            link: self.link.clone(),
+            resubscribe: None,
             channel,
             inner,
             queue: name,
@@ -198,40 +271,93 @@ impl Broker {
 
     /// True while the connection is usable (for readiness checks).
     pub fn is_connected(&self) -> bool {
-        self.connection.status().connected()
+        self.link.current().status().connected()
     }
 
+    /// Closes the connection for good (nothing reconnects after this).
     pub async fn close(&self) {
-        let _ = self.connection.close(200, "shutdown".into()).await;
+        self.link.close().await;
     }
 }
 
-/// A queue subscription that rides out broker reconnects.
+/// What a durable-queue consumer subscribes to, kept to subscribe again after a loss.
+struct Subscription {
+    queue: String,
+    consumer_tag: String,
+    prefetch: u16,
+}
+
+impl Subscription {
+    async fn subscribe(&self, link: &Link) -> Result<(Channel, lapin::Consumer), AmqpError> {
+        let connection = link.connected().await?;
+        within(CHANNEL_TIMEOUT, async {
+            let channel = connection.create_channel().await?;
+            channel
+                .basic_qos(self.prefetch, BasicQosOptions::default())
+                .await?;
+            let inner = channel
+                .basic_consume(
+                    self.queue.as_str().into(),
+                    self.consumer_tag.as_str().into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+            Ok((channel, inner))
+        })
+        .await
+    }
+}
+
+/// A queue subscription. One on a durable queue rides out a lost connection by subscribing
+/// again on a new one (messages unacknowledged on the old channel go back to the queue, and
+/// their acks fail harmlessly); a temporary one ends with an error.
 pub struct Consumer {
+    link: Arc<Link>,
+    resubscribe: Option<Subscription>,
     pub(crate) channel: Channel,
     inner: lapin::Consumer,
     queue: String,
-    pub(crate) drain_timeout: Option<std::time::Duration>,
+    pub(crate) drain_timeout: Option<Duration>,
 }
 
 impl Consumer {
     /// On shutdown, wait at most this long for the deliveries in flight; then abort them (they
     /// are not acknowledged, so the broker redelivers them once this connection closes).
     /// Without it, shutdown waits for every one.
-    pub fn with_drain_timeout(mut self, timeout: std::time::Duration) -> Self {
+    pub fn with_drain_timeout(mut self, timeout: Duration) -> Self {
         self.drain_timeout = Some(timeout);
         self
     }
 
-    /// The next delivery; `None` once the consumer is cancelled or the connection is gone for good.
+    /// The next delivery; `None` once the broker cancels the subscription (queue deleted).
+    /// A lost connection is waited out (durable queues) or answered with an error (temporary).
     pub async fn next(&mut self) -> Option<Result<Delivery, AmqpError>> {
         loop {
-            match self.inner.next().await? {
-                Ok(delivery) => return Some(Ok(delivery)),
-                Err(err) => {
-                    tracing::warn!(queue = %self.queue, error = %err, "consumer interrupted; waiting for recovery");
-                    if let Err(err) = self.channel.wait_for_recovery(err).await {
-                        return Some(Err(err.into()));
+            let lost = match self.inner.next().await {
+                Some(Ok(delivery)) => return Some(Ok(delivery)),
+                Some(Err(err)) => AmqpError::Broker(err),
+                // Cancelled: by the broker (queue deleted) while the channel lives on, or by
+                // the channel's end.
+                None if self.channel.status().connected() => return None,
+                None => AmqpError::Cancelled(self.queue.clone()),
+            };
+            let Some(subscription) = &self.resubscribe else {
+                return Some(Err(lost));
+            };
+            tracing::warn!(queue = %self.queue, error = %lost, "subscription lost; subscribing again");
+            let mut pauses = reconnect_pauses();
+            loop {
+                tokio::time::sleep(pauses.next().unwrap_or(Duration::from_secs(5))).await;
+                match subscription.subscribe(&self.link).await {
+                    Ok((channel, inner)) => {
+                        tracing::info!(queue = %self.queue, "subscribed again");
+                        self.channel = channel;
+                        self.inner = inner;
+                        break;
+                    }
+                    Err(error) => {
+                        tracing::warn!(queue = %self.queue, %error, "broker still unreachable");
                     }
                 }
             }
@@ -255,43 +381,32 @@ pub enum Routing {
 /// Publishes with publisher confirms; every call returns only once the broker has the message.
 #[derive(Clone)]
 pub struct Publisher {
-    connection: Arc<Connection>,
-    /// Replaced when the broker closes it (a refused publish closes the channel, not the
-    /// connection); connection-level recovery is lapin's.
-    channel: Arc<std::sync::Mutex<Channel>>,
+    link: Arc<Link>,
+    /// Replaced when it is closed: by the broker (a refused publish closes the channel, not
+    /// the connection) or with its connection.
+    channel: Arc<tokio::sync::Mutex<Channel>>,
 }
 
 impl Publisher {
     async fn open_channel(connection: &Connection) -> Result<Channel, AmqpError> {
-        let channel = connection.create_channel().await?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
-        Ok(channel)
+        within(CHANNEL_TIMEOUT, async {
+            let channel = connection.create_channel().await?;
+            channel
+                .confirm_select(ConfirmSelectOptions::default())
+                .await?;
+            Ok(channel)
+        })
+        .await
     }
 
-    fn channel(&self) -> Channel {
-        match self.channel.lock() {
-            Ok(guard) => guard.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
+    /// The publishing channel, opened again (on a new connection if need be) when closed.
+    async fn channel(&self) -> Result<Channel, AmqpError> {
+        let mut current = self.channel.lock().await;
+        if !current.status().connected() {
+            let connection = self.link.connected().await?;
+            *current = Self::open_channel(&connection).await?;
         }
-    }
-
-    /// Opens a new channel if `failed` is still the current one and only it is gone.
-    async fn replace_closed(&self, failed: &Channel) -> Result<bool, AmqpError> {
-        if !self.connection.status().connected() || failed.status().connected() {
-            return Ok(false);
-        }
-        let fresh = Self::open_channel(&self.connection).await?;
-        let mut guard = match self.channel.lock() {
-            Ok(guard) => guard,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        if guard.id() == failed.id() {
-            tracing::warn!("publisher channel was closed by the broker; opened a new one");
-            *guard = fresh;
-        }
-        Ok(true)
+        Ok(current.clone())
     }
 
     /// Publishes persistently and waits for the confirm; an unroutable message is an error.
@@ -350,32 +465,31 @@ impl Publisher {
         routing: Routing,
     ) -> Result<(), AmqpError> {
         let mandatory = routing == Routing::Required;
-        let mut attempts = 0;
+        let give_up_at = tokio::time::Instant::now() + PUBLISH_RECOVERY;
+        let mut pauses = reconnect_pauses();
         loop {
-            attempts += 1;
-            let channel = self.channel();
-            match self
-                .try_publish(
-                    &channel,
-                    exchange,
-                    routing_key,
-                    body,
-                    properties.clone(),
-                    mandatory,
-                )
-                .await
-            {
-                Err(AmqpError::Broker(err)) if attempts < 3 => {
-                    // The broker never confirmed this try, so publishing again keeps
-                    // at-least-once. A channel the broker closed is replaced; a connection
-                    // being recovered is waited for.
-                    tracing::warn!(error = %err, exchange, "publish interrupted");
-                    if self.replace_closed(&channel).await? {
-                        continue;
-                    }
-                    if let Err(err) = channel.wait_for_recovery(err).await {
-                        return Err(err.into());
-                    }
+            let attempt = match self.channel().await {
+                Ok(channel) => {
+                    self.try_publish(
+                        &channel,
+                        exchange,
+                        routing_key,
+                        body,
+                        properties.clone(),
+                        mandatory,
+                    )
+                    .await
+                }
+                Err(error) => Err(error),
+            };
+            match attempt {
+                // The broker never confirmed this try, so publishing again keeps
+                // at-least-once; a closed channel or connection is opened again first.
+                Err(error @ (AmqpError::Broker(_) | AmqpError::Timeout(_)))
+                    if tokio::time::Instant::now() < give_up_at =>
+                {
+                    tracing::warn!(%error, exchange, "publish interrupted");
+                    tokio::time::sleep(pauses.next().unwrap_or(Duration::from_secs(5))).await;
                 }
                 other => return other,
             }

@@ -1,7 +1,7 @@
 //! RabbitMQ plumbing shared by every Herald service.
 //!
 //! - [`Topology`] names and declares the exchanges and queues (idempotently, under a prefix).
-//! - [`Broker`] owns one auto-recovering connection and a confirmed [`Publisher`].
+//! - [`Broker`] owns one connection (opened again when lost) and a confirmed [`Publisher`].
 //! - [`dead_letter`] parks a message in the dead-letter queue with reason headers.
 //! - [`trace`] carries W3C trace context in AMQP headers.
 
@@ -34,6 +34,10 @@ pub enum AmqpError {
     },
     #[error("the broker ended the subscription to {0}")]
     Cancelled(String),
+    #[error("rabbitmq did not answer within {0:?}")]
+    Timeout(std::time::Duration),
+    #[error("the broker connection was closed")]
+    Closed,
     #[error("message for {exchange}/{routing_key} was unroutable")]
     Unroutable {
         exchange: String,

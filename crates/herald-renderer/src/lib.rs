@@ -118,9 +118,8 @@ pub async fn run(config: RendererConfig, shutdown: CancellationToken) -> Result<
         .subscribe_temporary(&broker.topology().control_exchange(), "#")
         .await?;
     tokio::spawn({
-        let templates = templates.clone();
-        let stop = stop.clone();
-        async move { templates.listen(control, stop).await }
+        let (templates, broker, stop) = (templates.clone(), broker.clone(), stop.clone());
+        async move { templates.listen(control, broker, stop).await }
     });
     // Held-back jobs (send_at, quiet hours) leave Postgres from here when due.
     tokio::spawn(schedule::run_scheduler(

@@ -213,8 +213,9 @@ struct LaneQueue {
     routing_key: String,
 }
 
-/// Runs sender workers for the configured channels until `shutdown`. A connection to the
-/// broker or the database lost restarts the workers with a backoff (on a new connection)
+/// Runs sender workers for the configured channels until `shutdown`. A lost broker connection
+/// is ridden out by the consumers (they subscribe again on a new one); anything else that ends
+/// a lane (the database's relay, a deleted queue) restarts the workers with a backoff
 /// instead of ending the process; only configuration errors, or
 /// failures before broker, database and listener were first reached, end it.
 pub async fn run(config: SenderConfig, shutdown: CancellationToken) -> Result<(), SenderError> {
@@ -315,8 +316,7 @@ async fn run_once(
     started: &mut bool,
 ) -> Result<(), SenderError> {
     let settings = &shared.settings;
-    // The loop in `run` reconnects: no half-recovered connection holding acks.
-    let broker = Broker::connect_supervised(&config.amqp, "sender").await?;
+    let broker = Broker::connect(&config.amqp, "sender").await?;
     broker.declare_topology().await?;
     // Stops every worker and the relay when one lane's consuming ends for any reason.
     let stop = shutdown.child_token();
@@ -366,8 +366,7 @@ async fn run_once(
                 subscribed = broker.consume_with_prefetch(&lane_queue.queue, &tag, in_flight) => {
                     subscribed.map_err(SenderError::from)
                 }
-                // A lane already running ended (the connection dropped): subscribing the rest
-                // on that connection could wait for ever, and nothing would reconnect.
+                // A lane already running ended (its queue was deleted, say): start over.
                 Some(ended) = workers.join_next() => {
                     if shutdown.is_cancelled() {
                         break 'lanes;
@@ -376,9 +375,6 @@ async fn run_once(
                         Ok(Err(error)) => error.into(),
                         _ => AmqpError::Cancelled(lane_queue.queue.clone()).into(),
                     })
-                }
-                () = tokio::time::sleep(LANE_START_TIMEOUT) => {
-                    Err(AmqpError::Cancelled(lane_queue.queue.clone()).into())
                 }
             };
             let consumer = match subscribed {
@@ -444,9 +440,6 @@ fn ready_check(
         })
     })
 }
-
-/// Bound on subscribing one lane: past it the connection is taken as lost.
-const LANE_START_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Why a delivery gave up for its next channel before its own retries ran out.
 const FALLBACK_DEADLINE: &str = "not sent within the channel's fallback_after";

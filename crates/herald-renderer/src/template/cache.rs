@@ -151,33 +151,63 @@ impl TemplateCache {
     }
 
     /// Applies control messages from `consumer` (a private queue on the control exchange)
-    /// until `stop` or until the subscription is lost.
-    pub async fn listen(&self, mut consumer: herald_amqp::Consumer, stop: CancellationToken) {
-        self.listening.store(true, Ordering::SeqCst);
+    /// until `stop`. When the subscription is lost, so are the announcements published
+    /// meanwhile: published templates are read from the database, uncached, until `broker`
+    /// has subscribed again, and the cache starts empty.
+    pub async fn listen(
+        &self,
+        mut consumer: herald_amqp::Consumer,
+        broker: herald_amqp::Broker,
+        stop: CancellationToken,
+    ) {
+        let control = broker.topology().control_exchange();
         loop {
-            let next = tokio::select! {
-                _ = stop.cancelled() => break,
-                next = consumer.next() => next,
-            };
-            match next {
-                Some(Ok(delivery)) => match serde_json::from_slice(&delivery.data) {
-                    Ok(ControlMessage::TemplatePublished {
-                        tenant,
-                        template,
-                        version,
-                    }) => {
-                        tracing::debug!(%tenant, %template, version, "template published; cache dropped");
-                        self.invalidate(&tenant, &template);
+            self.listening.store(true, Ordering::SeqCst);
+            loop {
+                let next = tokio::select! {
+                    _ = stop.cancelled() => break,
+                    next = consumer.next() => next,
+                };
+                match next {
+                    Some(Ok(delivery)) => match serde_json::from_slice(&delivery.data) {
+                        Ok(ControlMessage::TemplatePublished {
+                            tenant,
+                            template,
+                            version,
+                        }) => {
+                            tracing::debug!(%tenant, %template, version, "template published; cache dropped");
+                            self.invalidate(&tenant, &template);
+                        }
+                        Err(error) => tracing::warn!(%error, "unreadable control message"),
+                    },
+                    Some(Err(error)) => {
+                        tracing::warn!(%error, "control subscription lost; published templates are not cached until it is back");
+                        break;
                     }
-                    Err(error) => tracing::warn!(%error, "unreadable control message"),
-                },
-                Some(Err(error)) => {
-                    tracing::warn!(%error, "control subscription lost; published templates are no longer cached");
-                    break;
+                    None => break,
                 }
-                None => break,
             }
+            self.forget_published();
+            let mut pauses = std::iter::successors(Some(Duration::from_millis(250)), |p| {
+                Some((*p * 2).min(Duration::from_secs(5)))
+            });
+            consumer = loop {
+                let pause = pauses.next().unwrap_or(Duration::from_secs(5));
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(pause) => {}
+                }
+                match broker.subscribe_temporary(&control, "#").await {
+                    Ok(consumer) => break consumer,
+                    Err(error) => tracing::debug!(%error, "control subscription not back yet"),
+                }
+            };
+            tracing::info!("control subscription back; caching published templates again");
         }
+    }
+
+    /// Stops caching published templates and drops those cached.
+    fn forget_published(&self) {
         self.listening.store(false, Ordering::SeqCst);
         let mut inner = self.lock();
         inner.generation += 1;
