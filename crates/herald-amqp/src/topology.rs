@@ -180,8 +180,15 @@ impl Topology {
     pub fn control_exchange(&self) -> String {
         self.name("control")
     }
+    /// Where every request arrives (bound to the requests exchange with `#`).
     pub fn render_queue(&self) -> String {
         self.name("render")
+    }
+    /// The renderer's second lane: bulk requests and large fan-outs, moved here from the
+    /// render queue so that the requests behind them are not held up (published to through
+    /// the default exchange; no binding).
+    pub fn render_bulk_queue(&self) -> String {
+        self.name("render.bulk")
     }
     /// The normal lane's queue of `channel`.
     pub fn send_queue(&self, channel: &str) -> String {
@@ -338,6 +345,7 @@ impl Topology {
                 self.work_queue_args(),
                 vec![(self.requests_exchange(), "#".to_string())],
             ),
+            (self.render_bulk_queue(), self.work_queue_args(), vec![]),
             (
                 self.projector_queue(),
                 self.work_queue_args(),

@@ -11,7 +11,7 @@ pub mod template;
 use std::sync::Arc;
 
 use herald_amqp::{AmqpSettings, Broker, Delivery, Disposition};
-use herald_contract::v1::{DeliveryJob, FallbackStep, NotificationRequest};
+use herald_contract::v1::{DeliveryJob, FallbackStep, NotificationRequest, Priority};
 use herald_contract::{channels, decode_json, headers};
 use herald_store::{NewDelivery, NewMessage, Store, StoreSettings};
 use herald_telemetry::TelemetrySettings;
@@ -51,13 +51,21 @@ const MESSAGE_ID_NAMESPACE: Uuid = Uuid::from_u128(0x6865_7261_6c64_2d6d_7367_2d
 struct Renderer {
     broker: Broker,
     store: Store,
-    queue: String,
     templates: Arc<TemplateCache>,
     settings: RendererSettings,
     limits: preferences::Limits,
     /// Recipients being rendered and written at once, over all requests (one permit each):
     /// bounds the renderer's memory whatever the fan-out size of the requests in flight.
     recipients_in_flight: tokio::sync::Semaphore,
+}
+
+/// The renderer's two queues. Every request arrives on the render queue; one that is bulk
+/// priority or a large fan-out is moved to the bulk lane (one confirmed publish) instead of
+/// being rendered there, so requests behind it wait for its move, not for its fan-out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RenderLane {
+    Intake,
+    Bulk,
 }
 
 /// Failures that decide a message's fate.
@@ -104,13 +112,26 @@ pub async fn run(config: RendererConfig, shutdown: CancellationToken) -> Result<
     let (store, relay) = Store::open(&config.postgres, &broker, stop.clone()).await?;
     herald_telemetry::spawn_admin(&config.telemetry, store.ready_check(&broker), stop.clone())
         .await?;
-    let queue = broker.topology().render_queue();
-    let in_flight = config.renderer.in_flight.max(1);
-    let mut consumer = broker
-        .consume_with_prefetch(&queue, "herald-renderer", in_flight)
-        .await?;
-    if let Some(ms) = config.renderer.drain_timeout_ms {
-        consumer = consumer.with_drain_timeout(std::time::Duration::from_millis(ms));
+    let mut lanes = Vec::new();
+    for (lane, queue, tag, in_flight) in [
+        (
+            RenderLane::Intake,
+            broker.topology().render_queue(),
+            "herald-renderer",
+            config.renderer.in_flight.max(1),
+        ),
+        (
+            RenderLane::Bulk,
+            broker.topology().render_bulk_queue(),
+            "herald-renderer-bulk",
+            config.renderer.bulk_in_flight.max(1),
+        ),
+    ] {
+        let mut consumer = broker.consume_with_prefetch(&queue, tag, in_flight).await?;
+        if let Some(ms) = config.renderer.drain_timeout_ms {
+            consumer = consumer.with_drain_timeout(std::time::Duration::from_millis(ms));
+        }
+        lanes.push((lane, queue, in_flight, consumer));
     }
     // Subscribed before consuming, so no publish announced from here on is missed.
     let templates = Arc::new(TemplateCache::default());
@@ -127,11 +148,9 @@ pub async fn run(config: RendererConfig, shutdown: CancellationToken) -> Result<
         config.renderer.clone(),
         stop.clone(),
     ));
-    tracing::info!(%queue, "renderer consuming");
     let renderer = Arc::new(Renderer {
         broker: broker.clone(),
         store,
-        queue,
         templates,
         limits: preferences::Limits::new(config.renderer.redis.clone()),
         recipients_in_flight: tokio::sync::Semaphore::new(
@@ -143,17 +162,34 @@ pub async fn run(config: RendererConfig, shutdown: CancellationToken) -> Result<
         ),
         settings: config.renderer,
     });
-    let consumed = consumer
-        .run(
-            broker.clone(),
-            usize::from(in_flight),
-            stop.clone(),
-            move |delivery| {
-                let renderer = renderer.clone();
-                async move { renderer.handle(delivery).await }
-            },
-        )
-        .await;
+    let mut consuming = tokio::task::JoinSet::new();
+    for (lane, queue, in_flight, consumer) in lanes {
+        tracing::info!(%queue, in_flight, "renderer consuming");
+        let (renderer, broker, stop) = (renderer.clone(), broker.clone(), stop.clone());
+        let queue: Arc<str> = queue.into();
+        consuming.spawn(async move {
+            // Either lane ending stops the other: the process restarts whole.
+            let ended = consumer
+                .run(
+                    broker,
+                    usize::from(in_flight),
+                    stop.clone(),
+                    move |delivery| {
+                        let (renderer, queue) = (renderer.clone(), queue.clone());
+                        async move { renderer.handle(lane, &queue, delivery).await }
+                    },
+                )
+                .await;
+            stop.cancel();
+            ended
+        });
+    }
+    let mut consumed = Ok(());
+    while let Some(ended) = consuming.join_next().await {
+        if let (Ok(Err(error)), Ok(())) = (ended, &consumed) {
+            consumed = Err(error);
+        }
+    }
     stop.cancel();
     let _ = relay.await;
     broker.close().await;
@@ -161,9 +197,9 @@ pub async fn run(config: RendererConfig, shutdown: CancellationToken) -> Result<
 }
 
 impl Renderer {
-    async fn handle(&self, delivery: Arc<Delivery>) -> Disposition {
-        let span = herald_amqp::trace::consumer_span(&self.queue, &delivery);
-        match self.process(&delivery).instrument(span.clone()).await {
+    async fn handle(&self, lane: RenderLane, queue: &str, delivery: Arc<Delivery>) -> Disposition {
+        let span = herald_amqp::trace::consumer_span(queue, &delivery);
+        match self.process(lane, &delivery).instrument(span.clone()).await {
             Ok(()) => Disposition::Ack,
             Err(Failure::Poison { reason, detail }) => Disposition::DeadLetter { reason, detail },
             Err(Failure::Rejected { message_id, error }) => {
@@ -183,7 +219,7 @@ impl Renderer {
         }
     }
 
-    async fn process(&self, delivery: &Delivery) -> Result<(), Failure> {
+    async fn process(&self, lane: RenderLane, delivery: &Delivery) -> Result<(), Failure> {
         // A body that says it is of another schema version is not read as this one (a
         // producer ahead of this Herald); no header means this version.
         let schema = herald_amqp::header_str(
@@ -254,7 +290,35 @@ impl Renderer {
                 reason: "decode_error",
                 detail: format!("stored request: {e}"),
             })?;
+        if lane == RenderLane::Intake && self.is_bulk_work(&request) {
+            return self.move_to_bulk_lane(delivery, id).await;
+        }
         self.fan_out(&record, &request).await
+    }
+
+    fn is_bulk_work(&self, request: &NotificationRequest) -> bool {
+        request.priority() == Priority::Bulk
+            || request.recipients.len() > self.settings.bulk_fanout_threshold
+    }
+
+    /// Hands a stored request to the bulk lane. The copy names its message id (the stored
+    /// record, not the publisher's `user_id`, which a republish cannot keep, says whose it
+    /// is); a crash before the ack moves it twice, and the second fan-out finds the first's
+    /// progress.
+    async fn move_to_bulk_lane(&self, delivery: &Delivery, id: Uuid) -> Result<(), Failure> {
+        let properties =
+            herald_amqp::republishable(&delivery.properties).with_message_id(id.to_string().into());
+        self.broker
+            .publisher()
+            .publish(
+                "",
+                &self.broker.topology().render_bulk_queue(),
+                &delivery.data,
+                properties,
+            )
+            .await?;
+        tracing::debug!(message_id = %id, "moved to the bulk render lane");
+        Ok(())
     }
 
     async fn tenant_of(&self, delivery: &Delivery) -> Result<String, Failure> {

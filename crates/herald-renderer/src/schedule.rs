@@ -21,6 +21,12 @@ pub struct RendererSettings {
     /// Requests rendered at once (and held unacknowledged): each holds its whole recipient
     /// list in memory, so this, not `amqp.prefetch`, bounds the renderer with large fan-outs.
     pub in_flight: u16,
+    /// Requests of the bulk render lane rendered at once: bulk-priority requests and those
+    /// naming more than `bulk_fanout_threshold` recipients are moved there from the render
+    /// queue, so an urgent request is never queued behind a campaign.
+    pub bulk_in_flight: u16,
+    /// More recipients than this in one request make it bulk-lane work whatever its priority.
+    pub bulk_fanout_threshold: usize,
     /// Recipients rendered at once over all requests in flight (at least one batch): what
     /// bounds the renderer's memory when many large fan-outs arrive together.
     pub recipients_in_flight: usize,
@@ -45,6 +51,8 @@ impl Default for RendererSettings {
             redis: RedisSettings::default(),
             fanout_batch: 500,
             in_flight: 8,
+            bulk_in_flight: 2,
+            bulk_fanout_threshold: 100,
             recipients_in_flight: 2_000,
             max_recipients: MAX_RECIPIENTS,
             schedule_poll_ms: 250,
