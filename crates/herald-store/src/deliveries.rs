@@ -128,15 +128,14 @@ impl Store {
 
     /// The delivery with this id.
     pub async fn delivery(&self, id: Uuid) -> Result<Option<DeliveryRecord>, StoreError> {
-        let row = self
-            .client()
-            .await?
-            .query_opt(
+        let client = self.client().await?;
+        let statement = client
+            .prepare_cached(
                 "SELECT id, message_id, tenant_id, channel, state, attempt, traceparent
                  FROM deliveries WHERE id = $1",
-                &[&id],
             )
             .await?;
+        let row = client.query_opt(&statement, &[&id]).await?;
         Ok(row.map(|r| DeliveryRecord {
             id: r.get(0),
             message_id: r.get(1),
@@ -229,23 +228,25 @@ impl Store {
             Outcome::Sent { provider_msgid } => {
                 // Serialises with a callback for this msgid (see msgid_lock_key); taken before
                 // the message row is locked, to hold that lock as briefly as possible.
-                tx.execute(
-                    "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
-                    &[&msgid_lock_key(&account, provider_msgid)],
-                )
-                .await?;
+                let lock = tx
+                    .prepare_cached("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
+                    .await?;
+                tx.execute(&lock, &[&msgid_lock_key(&account, provider_msgid)])
+                    .await?;
                 Some(provider_msgid.as_str())
             }
             _ => None,
         };
-        tx.execute(
-            "UPDATE deliveries SET state = $2, last_error_code = COALESCE($3, last_error_code),
-                last_error = COALESCE($4, last_error),
-                provider_msgid = COALESCE($5, provider_msgid), updated_at = now()
-             WHERE id = $1",
-            &[&id, &to.name(), &code, &message, &msgid],
-        )
-        .await?;
+        let update = tx
+            .prepare_cached(
+                "UPDATE deliveries SET state = $2, last_error_code = COALESCE($3, last_error_code),
+                    last_error = COALESCE($4, last_error),
+                    provider_msgid = COALESCE($5, provider_msgid), updated_at = now()
+                 WHERE id = $1",
+            )
+            .await?;
+        tx.execute(&update, &[&id, &to.name(), &code, &message, &msgid])
+            .await?;
         self.record_change(
             &tx,
             &row,
@@ -270,13 +271,15 @@ impl Store {
         }
         let mut state = to;
         if let Some(provider_msgid) = msgid {
-            let pending = tx
-                .query(
+            let take_pending = tx
+                .prepare_cached(
                     "DELETE FROM pending_provider_events
                      WHERE provider_account = $1 AND provider_msgid = $2
                      RETURNING event",
-                    &[&account, &provider_msgid],
                 )
+                .await?;
+            let pending = tx
+                .query(&take_pending, &[&account, &provider_msgid])
                 .await?;
             for event in pending {
                 let event: serde_json::Value = event.get(0);
@@ -300,14 +303,13 @@ impl Store {
         account: &str,
         msgid: &str,
     ) -> Result<Option<String>, StoreError> {
-        let row = self
-            .client()
-            .await?
-            .query_opt(
+        let client = self.client().await?;
+        let statement = client
+            .prepare_cached(
                 "SELECT traceparent FROM deliveries WHERE provider_account = $1 AND provider_msgid = $2",
-                &[&account, &msgid],
             )
             .await?;
+        let row = client.query_opt(&statement, &[&account, &msgid]).await?;
         Ok(row.and_then(|r| r.get(0)))
     }
 
@@ -319,37 +321,43 @@ impl Store {
     ) -> Result<ProviderEventOutcome, StoreError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
-        if tx
-            .query_opt(
-                "SELECT 1 FROM delivery_events WHERE dedup_key = $1",
-                &[&event.event_id],
-            )
-            .await?
-            .is_some()
-        {
+        let seen = tx
+            .prepare_cached("SELECT 1 FROM delivery_events WHERE dedup_key = $1")
+            .await?;
+        if tx.query_opt(&seen, &[&event.event_id]).await?.is_some() {
             return Ok(ProviderEventOutcome::Duplicate);
         }
+        let lock = tx
+            .prepare_cached("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
+            .await?;
         tx.execute(
-            "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
+            &lock,
             &[&msgid_lock_key(
                 &event.provider_account,
                 &event.provider_msgid,
             )],
         )
         .await?;
-        let delivery = tx
-            .query_opt(
+        let find = tx
+            .prepare_cached(
                 "SELECT id FROM deliveries WHERE provider_account = $1 AND provider_msgid = $2",
-                &[&event.provider_account, &event.provider_msgid],
             )
+            .await?;
+        let delivery = tx
+            .query_opt(&find, &[&event.provider_account, &event.provider_msgid])
             .await?;
         let outcome = match delivery {
             None => {
                 let json = serde_json::to_value(event).unwrap_or_default();
+                let keep = tx
+                    .prepare_cached(
+                        "INSERT INTO pending_provider_events
+                            (provider_account, provider_msgid, event_id, event)
+                         VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+                    )
+                    .await?;
                 tx.execute(
-                    "INSERT INTO pending_provider_events
-                        (provider_account, provider_msgid, event_id, event)
-                     VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+                    &keep,
                     &[
                         &event.provider_account,
                         &event.provider_msgid,
@@ -386,12 +394,14 @@ impl Store {
         }
         let failed = to == S::Failed;
         let code = failed.then_some(event.provider_status.as_str());
-        tx.execute(
-            "UPDATE deliveries SET state = $2, last_error_code = COALESCE($3, last_error_code),
-                last_error = COALESCE($3, last_error), updated_at = now() WHERE id = $1",
-            &[&delivery_id, &to.name(), &code],
-        )
-        .await?;
+        let update = tx
+            .prepare_cached(
+                "UPDATE deliveries SET state = $2, last_error_code = COALESCE($3, last_error_code),
+                    last_error = COALESCE($3, last_error), updated_at = now() WHERE id = $1",
+            )
+            .await?;
+        tx.execute(&update, &[&delivery_id, &to.name(), &code])
+            .await?;
         self.record_change(
             tx,
             &row,
@@ -425,12 +435,17 @@ impl Store {
         source: &str,
         detail: serde_json::Value,
     ) -> Result<bool, StoreError> {
-        let inserted = tx
-            .query_opt(
+        let insert = tx
+            .prepare_cached(
                 "INSERT INTO deliveries (id, message_id, tenant_id, channel, provider_account,
                     recipient, state, traceparent)
                  VALUES ($1, $2, $3, $4, $5, $6, 'queued', $7)
                  ON CONFLICT (id) DO NOTHING RETURNING id",
+            )
+            .await?;
+        let inserted = tx
+            .query_opt(
+                &insert,
                 &[
                     &d.id,
                     &message_id,
@@ -445,9 +460,14 @@ impl Store {
         if inserted.is_none() {
             return Ok(false);
         }
+        let history = tx
+            .prepare_cached(
+                "INSERT INTO delivery_events (delivery_id, state, source, detail, trace_id)
+                 VALUES ($1, 'queued', $2, $3, $4)",
+            )
+            .await?;
         tx.execute(
-            "INSERT INTO delivery_events (delivery_id, state, source, detail, trace_id)
-             VALUES ($1, 'queued', $2, $3, $4)",
+            &history,
             &[
                 &d.id,
                 &source,

@@ -203,16 +203,20 @@ impl Store {
     ) -> Result<bool, StoreError> {
         let addresses = serde_json::to_value(&profile.addresses).unwrap_or_default();
         let preferences = serde_json::to_value(&profile.preferences).unwrap_or_default();
-        let row = self
-            .client()
-            .await?
-            .query_one(
+        let client = self.client().await?;
+        let statement = client
+            .prepare_cached(
                 "INSERT INTO recipients (tenant_id, user_id, timezone, addresses, preferences)
                  VALUES ($1, $2, $3, $4, $5)
                  ON CONFLICT (tenant_id, user_id) DO UPDATE
                    SET timezone = EXCLUDED.timezone, addresses = EXCLUDED.addresses,
                        preferences = EXCLUDED.preferences, updated_at = now()
                  RETURNING (xmax = 0)",
+            )
+            .await?;
+        let row = client
+            .query_one(
+                &statement,
                 &[
                     &tenant,
                     &profile.user_id,
@@ -230,15 +234,14 @@ impl Store {
         tenant: &str,
         user_id: &str,
     ) -> Result<Option<RecipientProfile>, StoreError> {
-        let row = self
-            .client()
-            .await?
-            .query_opt(
+        let client = self.client().await?;
+        let statement = client
+            .prepare_cached(
                 "SELECT user_id, timezone, addresses, preferences, updated_at FROM recipients
                  WHERE tenant_id = $1 AND user_id = $2",
-                &[&tenant, &user_id],
             )
             .await?;
+        let row = client.query_opt(&statement, &[&tenant, &user_id]).await?;
         Ok(row.as_ref().map(profile_of))
     }
 
@@ -251,15 +254,14 @@ impl Store {
         if user_ids.is_empty() {
             return Ok(BTreeMap::new());
         }
-        let rows = self
-            .client()
-            .await?
-            .query(
+        let client = self.client().await?;
+        let statement = client
+            .prepare_cached(
                 "SELECT user_id, timezone, addresses, preferences, updated_at FROM recipients
                  WHERE tenant_id = $1 AND user_id = ANY($2)",
-                &[&tenant, &user_ids],
             )
             .await?;
+        let rows = client.query(&statement, &[&tenant, &user_ids]).await?;
         Ok(rows
             .iter()
             .map(profile_of)
@@ -269,15 +271,11 @@ impl Store {
 
     /// Deletes a directory entry; returns whether there was one.
     pub async fn delete_recipient(&self, tenant: &str, user_id: &str) -> Result<bool, StoreError> {
-        Ok(self
-            .client()
-            .await?
-            .execute(
-                "DELETE FROM recipients WHERE tenant_id = $1 AND user_id = $2",
-                &[&tenant, &user_id],
-            )
-            .await?
-            > 0)
+        let client = self.client().await?;
+        let statement = client
+            .prepare_cached("DELETE FROM recipients WHERE tenant_id = $1 AND user_id = $2")
+            .await?;
+        Ok(client.execute(&statement, &[&tenant, &user_id]).await? > 0)
     }
 
     /// A page of the directory in user id order, after `after`.
@@ -287,6 +285,8 @@ impl Store {
         after: Option<&str>,
         limit: i64,
     ) -> Result<Vec<RecipientProfile>, StoreError> {
+        // Not cached: the optional `after` (`$2 IS NULL OR ...`) wants a plan per call; a
+        // generic plan could not use it as an index bound.
         let rows = self
             .client()
             .await?
@@ -302,14 +302,11 @@ impl Store {
 
     /// The tenant's default preferences (empty when never set).
     pub async fn tenant_preferences(&self, tenant: &str) -> Result<Preferences, StoreError> {
-        let row = self
-            .client()
-            .await?
-            .query_opt(
-                "SELECT preferences FROM tenant_preferences WHERE tenant_id = $1",
-                &[&tenant],
-            )
+        let client = self.client().await?;
+        let statement = client
+            .prepare_cached("SELECT preferences FROM tenant_preferences WHERE tenant_id = $1")
             .await?;
+        let row = client.query_opt(&statement, &[&tenant]).await?;
         Ok(row
             .and_then(|r| serde_json::from_value(r.get(0)).ok())
             .unwrap_or_default())
@@ -321,15 +318,15 @@ impl Store {
         preferences: &Preferences,
     ) -> Result<(), StoreError> {
         let json = serde_json::to_value(preferences).unwrap_or_default();
-        self.client()
-            .await?
-            .execute(
+        let client = self.client().await?;
+        let statement = client
+            .prepare_cached(
                 "INSERT INTO tenant_preferences (tenant_id, preferences) VALUES ($1, $2)
                  ON CONFLICT (tenant_id) DO UPDATE
                    SET preferences = EXCLUDED.preferences, updated_at = now()",
-                &[&tenant, &json],
             )
             .await?;
+        client.execute(&statement, &[&tenant, &json]).await?;
         Ok(())
     }
 
@@ -338,14 +335,11 @@ impl Store {
         &self,
         account: &str,
     ) -> Result<Option<String>, StoreError> {
-        let row = self
-            .client()
-            .await?
-            .query_opt(
-                "SELECT app_id FROM provider_accounts WHERE id = $1",
-                &[&account],
-            )
+        let client = self.client().await?;
+        let statement = client
+            .prepare_cached("SELECT app_id FROM provider_accounts WHERE id = $1")
             .await?;
+        let row = client.query_opt(&statement, &[&account]).await?;
         Ok(row.map(|r| r.get(0)))
     }
 }

@@ -56,13 +56,14 @@ pub struct FanoutProgress {
 impl Store {
     /// How far `message_id`'s fan-out got, and whether it was cancelled.
     pub async fn fanout_progress(&self, message_id: Uuid) -> Result<FanoutProgress, StoreError> {
-        let row = self
-            .client()
-            .await?
-            .query_opt(
+        let client = self.client().await?;
+        let statement = client
+            .prepare_cached(
                 "SELECT fanout_done, cancelled_at IS NOT NULL FROM messages WHERE id = $1",
-                &[&message_id],
             )
+            .await?;
+        let row = client
+            .query_opt(&statement, &[&message_id])
             .await?
             .ok_or_else(|| StoreError::NotFound(format!("message {message_id}")))?;
         Ok(FanoutProgress {
@@ -115,8 +116,8 @@ impl Store {
             codes.push(code);
             errors.push(error);
         }
-        let inserted: std::collections::HashSet<Uuid> = tx
-            .query(
+        let insert_deliveries = tx
+            .prepare_cached(
                 "INSERT INTO deliveries (id, message_id, tenant_id, channel, provider_account,
                     recipient, state, last_error_code, last_error, traceparent)
                  SELECT u.id, $1, $2, u.channel, u.account, u.recipient, u.state, u.code, u.error, $3
@@ -124,6 +125,11 @@ impl Store {
                              $9::text[], $10::text[])
                       AS u(id, channel, account, recipient, state, code, error)
                  ON CONFLICT (id) DO NOTHING RETURNING id",
+            )
+            .await?;
+        let inserted: std::collections::HashSet<Uuid> = tx
+            .query(
+                &insert_deliveries,
                 &[
                     &message_id,
                     &tenant,
@@ -196,23 +202,33 @@ impl Store {
             );
         }
         if !event_ids.is_empty() {
+            let insert_events = tx
+                .prepare_cached(
+                    "INSERT INTO delivery_events (delivery_id, state, source, detail, trace_id)
+                     SELECT u.id, u.state, 'renderer', u.detail, $1
+                     FROM UNNEST($2::uuid[], $3::text[], $4::jsonb[]) AS u(id, state, detail)",
+                )
+                .await?;
             tx.execute(
-                "INSERT INTO delivery_events (delivery_id, state, source, detail, trace_id)
-                 SELECT u.id, u.state, 'renderer', u.detail, $1
-                 FROM UNNEST($2::uuid[], $3::text[], $4::jsonb[]) AS u(id, state, detail)",
+                &insert_events,
                 &[&trace_id, &event_ids, &event_states, &event_details],
             )
             .await?;
         }
         if !held_ids.is_empty() {
+            let insert_held = tx
+                .prepare_cached(
+                    "INSERT INTO scheduled_jobs (delivery_id, message_id, due_at, exchange,
+                        routing_key, headers, body, priority)
+                     SELECT u.id, $1, u.due, u.exchange, u.key, u.headers, u.body, u.priority
+                     FROM UNNEST($2::uuid[], $3::timestamptz[], $4::text[], $5::text[],
+                                 $6::jsonb[], $7::bytea[], $8::int2[])
+                          AS u(id, due, exchange, key, headers, body, priority)
+                     ON CONFLICT (delivery_id) DO NOTHING",
+                )
+                .await?;
             tx.execute(
-                "INSERT INTO scheduled_jobs (delivery_id, message_id, due_at, exchange,
-                    routing_key, headers, body, priority)
-                 SELECT u.id, $1, u.due, u.exchange, u.key, u.headers, u.body, u.priority
-                 FROM UNNEST($2::uuid[], $3::timestamptz[], $4::text[], $5::text[],
-                             $6::jsonb[], $7::bytea[], $8::int2[])
-                      AS u(id, due, exchange, key, headers, body, priority)
-                 ON CONFLICT (delivery_id) DO NOTHING",
+                &insert_held,
                 &[
                     &message_id,
                     &held_ids,
@@ -229,13 +245,12 @@ impl Store {
         // The message row is locked last, as every writer does (delivery rows, then the
         // message), so this never deadlocks with a sender. Under that lock a cancellation
         // (which sets cancelled_at under it) is either seen here or waits for this batch.
-        let cancelled: bool = tx
-            .query_one(
+        let lock_message = tx
+            .prepare_cached(
                 "SELECT cancelled_at IS NOT NULL FROM messages WHERE id = $1 FOR UPDATE",
-                &[&message_id],
             )
-            .await?
-            .get(0);
+            .await?;
+        let cancelled: bool = tx.query_one(&lock_message, &[&message_id]).await?.get(0);
         if cancelled {
             // Dropping the transaction rolls the batch back.
             return Ok(BatchWritten::Cancelled);
@@ -251,8 +266,13 @@ impl Store {
             ],
         )
         .await?;
+        let advance = tx
+            .prepare_cached(
+                "UPDATE messages SET fanout_done = GREATEST(fanout_done, $2) WHERE id = $1",
+            )
+            .await?;
         tx.execute(
-            "UPDATE messages SET fanout_done = GREATEST(fanout_done, $2) WHERE id = $1",
+            &advance,
             &[&message_id, &i32::try_from(done).unwrap_or(i32::MAX)],
         )
         .await?;

@@ -150,14 +150,16 @@ impl Store {
     /// once) serialise on an advisory lock.
     pub async fn migrate(&self) -> Result<(), StoreError> {
         let mut client = self.pool.get().await?;
-        client
-            .execute("SELECT pg_advisory_lock(7236091001)", &[])
+        let lock = client
+            .prepare_cached("SELECT pg_advisory_lock(7236091001)")
             .await?;
+        client.execute(&lock, &[]).await?;
         let client_ref: &mut tokio_postgres::Client = &mut client;
         let result = embedded::migrations::runner().run_async(client_ref).await;
-        client
-            .execute("SELECT pg_advisory_unlock(7236091001)", &[])
+        let unlock = client
+            .prepare_cached("SELECT pg_advisory_unlock(7236091001)")
             .await?;
+        client.execute(&unlock, &[]).await?;
         let report = result?;
         for migration in report.applied_migrations() {
             tracing::info!(migration = %migration, "applied migration");
@@ -190,7 +192,9 @@ impl Store {
 
     /// Answers when the database does (readiness).
     pub async fn ping(&self) -> Result<(), StoreError> {
-        self.pool.get().await?.execute("SELECT 1", &[]).await?;
+        let client = self.pool.get().await?;
+        let statement = client.prepare_cached("SELECT 1").await?;
+        client.execute(&statement, &[]).await?;
         Ok(())
     }
 

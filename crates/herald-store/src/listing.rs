@@ -60,6 +60,9 @@ impl Store {
     ) -> Result<Vec<MessageSummary>, StoreError> {
         let client = self.client().await?;
         let (after_at, after_id) = filter.after.unzip();
+        // Not cached: the filters are optional (`$n IS NULL OR ...`), and a cached statement
+        // may get a generic plan that keeps them all; unprepared, each call is planned for
+        // the filters it has.
         let rows = client
             .query(
                 "SELECT m.id, m.template_id, m.state, m.error, m.source, m.created_at, m.updated_at
@@ -87,14 +90,14 @@ impl Store {
             )
             .await?;
         let ids: Vec<Uuid> = rows.iter().map(|r| r.get(0)).collect();
-        let deliveries = client
-            .query(
+        let select_deliveries = client
+            .prepare_cached(
                 "SELECT message_id, id, channel, provider_account, recipient, state, attempt,
                         provider_msgid, last_error_code, last_error, updated_at
                  FROM deliveries WHERE message_id = ANY($1) ORDER BY created_at, id",
-                &[&ids],
             )
             .await?;
+        let deliveries = client.query(&select_deliveries, &[&ids]).await?;
         Ok(rows
             .iter()
             .map(|m| {

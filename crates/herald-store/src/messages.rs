@@ -101,12 +101,17 @@ async fn insert_message(
     client: &impl deadpool_postgres::GenericClient,
     message: &NewMessage,
 ) -> Result<Option<tokio_postgres::Row>, StoreError> {
-    Ok(client
-        .query_opt(
+    let statement = client
+        .prepare_cached(
             "INSERT INTO messages (id, tenant_id, template_id, idempotency_key, request_hash,
                 request, source, state, traceparent)
              VALUES ($1, $2, $3, $4, $5, $6, $7, 'accepted', $8)
              ON CONFLICT DO NOTHING RETURNING id",
+        )
+        .await?;
+    Ok(client
+        .query_opt(
+            &statement,
             &[
                 &message.id,
                 &message.tenant_id,
@@ -134,11 +139,16 @@ impl Store {
         let tx = client.transaction().await?;
         let inserted = insert_message(&tx, message).await?;
         if inserted.is_none() {
-            let existing = tx
-                .query_opt(
+            let statement = tx
+                .prepare_cached(
                     "SELECT id, request_hash FROM messages
                      WHERE (tenant_id = $1 AND idempotency_key = $2) OR id = $3
                      ORDER BY (id = $3) LIMIT 1",
+                )
+                .await?;
+            let existing = tx
+                .query_opt(
+                    &statement,
                     &[&message.tenant_id, &message.idempotency_key, &message.id],
                 )
                 .await?;
@@ -166,14 +176,13 @@ impl Store {
 
     /// The message with this id, if any.
     pub async fn message(&self, id: Uuid) -> Result<Option<MessageRecord>, StoreError> {
-        let row = self
-            .client()
-            .await?
-            .query_opt(
+        let client = self.client().await?;
+        let statement = client
+            .prepare_cached(
                 "SELECT id, tenant_id, request, state, traceparent FROM messages WHERE id = $1",
-                &[&id],
             )
             .await?;
+        let row = client.query_opt(&statement, &[&id]).await?;
         Ok(row.map(|r| MessageRecord {
             id: r.get(0),
             tenant_id: r.get(1),
@@ -193,15 +202,19 @@ impl Store {
         // Not inserted and not under this id: the idempotency key names an earlier message,
         // which is the one to process (idempotently) instead — unless this is another request
         // reusing the key, which must not vanish silently.
-        let row = self
-            .client()
-            .await?
-            .query_opt(
-                "SELECT id, request_hash FROM messages WHERE tenant_id = $1 AND idempotency_key = $2",
-                &[&message.tenant_id, &message.idempotency_key],
-            )
-            .await?
-            .ok_or_else(|| StoreError::NotFound(format!("message {}", message.id)))?;
+        // In a block: the connection goes back to the pool before `self.message` takes one.
+        let row = {
+            let client = self.client().await?;
+            let statement = client
+                .prepare_cached(
+                    "SELECT id, request_hash FROM messages WHERE tenant_id = $1 AND idempotency_key = $2",
+                )
+                .await?;
+            client
+                .query_opt(&statement, &[&message.tenant_id, &message.idempotency_key])
+                .await?
+                .ok_or_else(|| StoreError::NotFound(format!("message {}", message.id)))?
+        };
         if row.get::<_, Vec<u8>>(1) != message.request_hash {
             return Err(StoreError::IdempotencyConflict);
         }
@@ -212,14 +225,14 @@ impl Store {
 
     /// Marks a message rejected (bad template, bad variables), keeping the reason.
     pub async fn reject_message(&self, id: Uuid, error: &str) -> Result<(), StoreError> {
-        self.client()
-            .await?
-            .execute(
+        let client = self.client().await?;
+        let statement = client
+            .prepare_cached(
                 "UPDATE messages SET state = 'rejected', error = $2, updated_at = now()
                  WHERE id = $1 AND state = 'accepted'",
-                &[&id, &error],
             )
             .await?;
+        client.execute(&statement, &[&id, &error]).await?;
         Ok(())
     }
 
@@ -230,33 +243,32 @@ impl Store {
         id: Uuid,
     ) -> Result<Option<MessageView>, StoreError> {
         let client = self.client().await?;
-        let Some(m) = client
-            .query_opt(
+        let select_message = client
+            .prepare_cached(
                 "SELECT id, tenant_id, template_id, state, error, source, created_at, updated_at,
                         state_counts
                  FROM messages WHERE id = $1 AND tenant_id = $2",
-                &[&id, &tenant],
             )
-            .await?
-        else {
+            .await?;
+        let Some(m) = client.query_opt(&select_message, &[&id, &tenant]).await? else {
             return Ok(None);
         };
-        let deliveries = client
-            .query(
+        let select_deliveries = client
+            .prepare_cached(
                 "SELECT id, channel, provider_account, recipient, state, attempt, provider_msgid,
                         last_error_code, last_error
                  FROM deliveries WHERE message_id = $1 ORDER BY created_at, id",
-                &[&id],
             )
             .await?;
-        let events = client
-            .query(
+        let deliveries = client.query(&select_deliveries, &[&id]).await?;
+        let select_events = client
+            .prepare_cached(
                 "SELECT e.delivery_id, e.state, e.source, e.occurred_at, e.detail, e.trace_id
                  FROM delivery_events e JOIN deliveries d ON d.id = e.delivery_id
                  WHERE d.message_id = $1 ORDER BY e.id",
-                &[&id],
             )
             .await?;
+        let events = client.query(&select_events, &[&id]).await?;
         let deliveries = deliveries
             .iter()
             .map(|d| {

@@ -129,11 +129,24 @@ impl Store {
             ids.push(id);
             priorities.push(priority);
         }
+        let statement = tx
+            .prepare_cached(
+                "INSERT INTO outbox (exchange, routing_key, headers, body, mandatory, message_id, priority)
+                 SELECT * FROM UNNEST($1::text[], $2::text[], $3::jsonb[], $4::bytea[], $5::bool[],
+                                      $6::text[], $7::int2[])",
+            )
+            .await?;
         tx.execute(
-            "INSERT INTO outbox (exchange, routing_key, headers, body, mandatory, message_id, priority)
-             SELECT * FROM UNNEST($1::text[], $2::text[], $3::jsonb[], $4::bytea[], $5::bool[],
-                                  $6::text[], $7::int2[])",
-            &[&exchanges, &keys, &headers, &bodies, &mandatory, &ids, &priorities],
+            &statement,
+            &[
+                &exchanges,
+                &keys,
+                &headers,
+                &bodies,
+                &mandatory,
+                &ids,
+                &priorities,
+            ],
         )
         .await?;
         Ok(())
@@ -221,12 +234,15 @@ impl Store {
         };
         let mut client = self.client().await.map_err(|e| e.to_string())?;
         let tx = client.transaction().await.map_err(|e| e.to_string())?;
-        let rows = tx
-            .query(
+        let select = tx
+            .prepare_cached(
                 "SELECT id, exchange, routing_key, headers, body, mandatory, message_id, priority FROM outbox
                  ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
-                &[&BATCH],
             )
+            .await
+            .map_err(|e| e.to_string())?;
+        let rows = tx
+            .query(&select, &[&BATCH])
             .await
             .map_err(|e| e.to_string())?;
         if rows.is_empty() {
@@ -266,7 +282,11 @@ impl Store {
                 }
             }
         }
-        tx.execute("DELETE FROM outbox WHERE id = ANY($1)", &[&published])
+        let delete = tx
+            .prepare_cached("DELETE FROM outbox WHERE id = ANY($1)")
+            .await
+            .map_err(|e| e.to_string())?;
+        tx.execute(&delete, &[&published])
             .await
             .map_err(|e| e.to_string())?;
         tx.commit().await.map_err(|e| e.to_string())?;

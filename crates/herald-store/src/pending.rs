@@ -38,16 +38,18 @@ impl Store {
     ) -> Result<Vec<ExpiredProviderEvent>, StoreError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
-        let rows = tx
-            .query(
+        let statement = tx
+            .prepare_cached(
                 "DELETE FROM pending_provider_events
                  WHERE (provider_account, provider_msgid, event_id) IN (
                      SELECT provider_account, provider_msgid, event_id FROM pending_provider_events
                      WHERE received_at < now() - make_interval(secs => $1)
                      ORDER BY received_at LIMIT $2 FOR UPDATE SKIP LOCKED)
                  RETURNING provider_account, provider_msgid, event_id, event, received_at",
-                &[&max_age.as_secs_f64(), &SWEEP_BATCH],
             )
+            .await?;
+        let rows = tx
+            .query(&statement, &[&max_age.as_secs_f64(), &SWEEP_BATCH])
             .await?;
         let mut expired = Vec::with_capacity(rows.len());
         for row in &rows {
@@ -100,14 +102,11 @@ impl Store {
     pub async fn pending_provider_events(
         &self,
     ) -> Result<(i64, Option<DateTime<Utc>>), StoreError> {
-        let row = self
-            .client()
-            .await?
-            .query_one(
-                "SELECT count(*), min(received_at) FROM pending_provider_events",
-                &[],
-            )
+        let client = self.client().await?;
+        let statement = client
+            .prepare_cached("SELECT count(*), min(received_at) FROM pending_provider_events")
             .await?;
+        let row = client.query_one(&statement, &[]).await?;
         Ok((row.get(0), row.get(1)))
     }
 }

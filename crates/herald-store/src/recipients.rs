@@ -55,12 +55,17 @@ impl Store {
         };
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
-        let inserted = tx
-            .query_opt(
+        let insert_event = tx
+            .prepare_cached(
                 "INSERT INTO recipient_events
                     (event_id, provider, provider_account, recipient, kind, detail, occurred_at)
                  VALUES ($1, $2, $3, $4, $5, $6, $7)
                  ON CONFLICT (event_id) DO NOTHING RETURNING id",
+            )
+            .await?;
+        let inserted = tx
+            .query_opt(
+                &insert_event,
                 &[
                     &event.event_id,
                     &event.provider,
@@ -78,14 +83,19 @@ impl Store {
         let outcome = match event.kind.as_str() {
             "subscribe" | "unsubscribe" => {
                 let following = event.kind == "subscribe";
-                let changed = tx
-                    .execute(
+                let upsert = tx
+                    .prepare_cached(
                         "INSERT INTO recipient_follows (provider_account, recipient, following, changed_at)
                          VALUES ($1, $2, $3, $4)
                          ON CONFLICT (provider_account, recipient) DO UPDATE
                            SET following = EXCLUDED.following, changed_at = EXCLUDED.changed_at,
                                updated_at = now()
                            WHERE recipient_follows.changed_at <= EXCLUDED.changed_at",
+                    )
+                    .await?;
+                let changed = tx
+                    .execute(
+                        &upsert,
                         &[&event.provider_account, &event.recipient, &following, &at],
                     )
                     .await?;
@@ -96,17 +106,22 @@ impl Store {
                 }
             }
             _ if !event.consents.is_empty() => {
+                let upsert = tx
+                    .prepare_cached(
+                        "INSERT INTO subscription_consents
+                            (provider_account, recipient, template_id, status, changed_at)
+                         VALUES ($1, $2, $3, $4, $5)
+                         ON CONFLICT (provider_account, recipient, template_id) DO UPDATE
+                           SET status = EXCLUDED.status, changed_at = EXCLUDED.changed_at,
+                               updated_at = now()
+                           WHERE subscription_consents.changed_at <= EXCLUDED.changed_at",
+                    )
+                    .await?;
                 let mut changed = 0;
                 for consent in &event.consents {
                     changed += tx
                         .execute(
-                            "INSERT INTO subscription_consents
-                                (provider_account, recipient, template_id, status, changed_at)
-                             VALUES ($1, $2, $3, $4, $5)
-                             ON CONFLICT (provider_account, recipient, template_id) DO UPDATE
-                               SET status = EXCLUDED.status, changed_at = EXCLUDED.changed_at,
-                                   updated_at = now()
-                               WHERE subscription_consents.changed_at <= EXCLUDED.changed_at",
+                            &upsert,
                             &[
                                 &event.provider_account,
                                 &event.recipient,
@@ -135,14 +150,15 @@ impl Store {
         account: &str,
         recipient: &str,
     ) -> Result<Option<FollowState>, StoreError> {
-        let row = self
-            .client()
-            .await?
-            .query_opt(
+        let client = self.client().await?;
+        let statement = client
+            .prepare_cached(
                 "SELECT following, changed_at FROM recipient_follows
                  WHERE provider_account = $1 AND recipient = $2",
-                &[&account, &recipient],
             )
+            .await?;
+        let row = client
+            .query_opt(&statement, &[&account, &recipient])
             .await?;
         Ok(row.map(|r| FollowState {
             following: r.get(0),
@@ -160,15 +176,14 @@ impl Store {
         if recipients.is_empty() {
             return Ok(Vec::new());
         }
-        let rows = self
-            .client()
-            .await?
-            .query(
+        let client = self.client().await?;
+        let statement = client
+            .prepare_cached(
                 "SELECT recipient FROM recipient_follows
                  WHERE provider_account = $1 AND recipient = ANY($2) AND NOT following",
-                &[&account, &recipients],
             )
             .await?;
+        let rows = client.query(&statement, &[&account, &recipients]).await?;
         Ok(rows.iter().map(|r| r.get(0)).collect())
     }
 
@@ -179,14 +194,15 @@ impl Store {
         recipient: &str,
         template_id: &str,
     ) -> Result<Option<String>, StoreError> {
-        let row = self
-            .client()
-            .await?
-            .query_opt(
+        let client = self.client().await?;
+        let statement = client
+            .prepare_cached(
                 "SELECT status FROM subscription_consents
                  WHERE provider_account = $1 AND recipient = $2 AND template_id = $3",
-                &[&account, &recipient, &template_id],
             )
+            .await?;
+        let row = client
+            .query_opt(&statement, &[&account, &recipient, &template_id])
             .await?;
         Ok(row.map(|r| r.get(0)))
     }

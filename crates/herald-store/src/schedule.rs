@@ -38,10 +38,9 @@ pub struct Cancellation {
 impl Store {
     /// Moves up to `limit` due scheduled jobs to the outbox; returns how many.
     pub async fn release_due_jobs(&self, limit: i64) -> Result<u64, StoreError> {
-        let released = self
-            .client()
-            .await?
-            .execute(
+        let client = self.client().await?;
+        let statement = client
+            .prepare_cached(
                 "WITH due AS (
                     DELETE FROM scheduled_jobs WHERE delivery_id IN (
                         SELECT delivery_id FROM scheduled_jobs WHERE due_at <= now()
@@ -51,9 +50,9 @@ impl Store {
                     priority)
                  SELECT exchange, routing_key, headers, body, true, delivery_id::text, priority
                  FROM due",
-                &[&limit],
             )
             .await?;
+        let released = client.execute(&statement, &[&limit]).await?;
         if released > 0 {
             self.outbox_written();
         }
@@ -62,12 +61,11 @@ impl Store {
 
     /// When the earliest scheduled job is due, if any.
     pub async fn next_scheduled_job(&self) -> Result<Option<DateTime<Utc>>, StoreError> {
-        Ok(self
-            .client()
-            .await?
-            .query_one("SELECT min(due_at) FROM scheduled_jobs", &[])
-            .await?
-            .get(0))
+        let client = self.client().await?;
+        let statement = client
+            .prepare_cached("SELECT min(due_at) FROM scheduled_jobs")
+            .await?;
+        Ok(client.query_one(&statement, &[]).await?.get(0))
     }
 
     /// Ends a delivery that was not sent in time as `expired` (the sender found its
@@ -84,14 +82,17 @@ impl Store {
             tx.commit().await?;
             return Ok(from);
         }
-        tx.execute(
-            "UPDATE deliveries SET state = 'expired', last_error_code = 'expired',
-                last_error = $2, updated_at = now() WHERE id = $1",
-            &[&id, &message],
-        )
-        .await?;
-        tx.execute("DELETE FROM scheduled_jobs WHERE delivery_id = $1", &[&id])
+        let update = tx
+            .prepare_cached(
+                "UPDATE deliveries SET state = 'expired', last_error_code = 'expired',
+                    last_error = $2, updated_at = now() WHERE id = $1",
+            )
             .await?;
+        tx.execute(&update, &[&id, &message]).await?;
+        let unschedule = tx
+            .prepare_cached("DELETE FROM scheduled_jobs WHERE delivery_id = $1")
+            .await?;
+        tx.execute(&unschedule, &[&id]).await?;
         self.record_change(
             &tx,
             &row,
@@ -113,14 +114,14 @@ impl Store {
 
     /// Marks a message that expired before it was rendered (no deliveries were made).
     pub async fn expire_message(&self, id: Uuid, error: &str) -> Result<(), StoreError> {
-        self.client()
-            .await?
-            .execute(
+        let client = self.client().await?;
+        let statement = client
+            .prepare_cached(
                 "UPDATE messages SET state = 'expired', error = $2, updated_at = now()
                  WHERE id = $1 AND state = 'accepted'",
-                &[&id, &error],
             )
             .await?;
+        client.execute(&statement, &[&id, &error]).await?;
         Ok(())
     }
 
@@ -134,18 +135,20 @@ impl Store {
         id: Uuid,
     ) -> Result<Option<Cancellation>, StoreError> {
         // First, on its own: the renderer checks this under the same row lock before every
-        // batch, so no delivery is written after this commits.
-        let found = self
-            .client()
-            .await?
-            .execute(
-                "UPDATE messages SET cancelled_at = COALESCE(cancelled_at, now()),
-                    state = CASE WHEN state = 'accepted' THEN 'cancelled' ELSE state END,
-                    updated_at = now()
-                 WHERE id = $1 AND tenant_id = $2",
-                &[&id, &tenant],
-            )
-            .await?;
+        // batch, so no delivery is written after this commits. (Its connection goes back to
+        // the pool at the end of the block, before the transaction below takes one.)
+        let found = {
+            let client = self.client().await?;
+            let statement = client
+                .prepare_cached(
+                    "UPDATE messages SET cancelled_at = COALESCE(cancelled_at, now()),
+                        state = CASE WHEN state = 'accepted' THEN 'cancelled' ELSE state END,
+                        updated_at = now()
+                     WHERE id = $1 AND tenant_id = $2",
+                )
+                .await?;
+            client.execute(&statement, &[&id, &tenant]).await?
+        };
         if found == 0 {
             return Ok(None);
         }
@@ -154,26 +157,32 @@ impl Store {
         let tx = client.transaction().await?;
         // Delivery rows first, then the message row (in shift_counts): the order every
         // writer uses, so a cancellation never deadlocks with a sender.
-        let pending = tx
-            .query(
+        let lock_pending = tx
+            .prepare_cached(
                 "SELECT id, channel, state FROM deliveries
                  WHERE message_id = $1 AND state IN ('queued', 'deferred', 'retrying')
                  ORDER BY id FOR UPDATE",
-                &[&id],
             )
             .await?;
+        let pending = tx.query(&lock_pending, &[&id]).await?;
         let ids: Vec<Uuid> = pending.iter().map(|r| r.get(0)).collect();
         let detail = "the message was cancelled";
         if !ids.is_empty() {
+            let expire = tx
+                .prepare_cached(
+                    "UPDATE deliveries SET state = 'expired', last_error_code = $2, last_error = $3,
+                        updated_at = now() WHERE id = ANY($1)",
+                )
+                .await?;
+            tx.execute(&expire, &[&ids, &CANCELLED, &detail]).await?;
+            let history = tx
+                .prepare_cached(
+                    "INSERT INTO delivery_events (delivery_id, state, source, detail, trace_id)
+                     SELECT u.id, 'expired', 'api', $2, $3 FROM UNNEST($1::uuid[]) AS u(id)",
+                )
+                .await?;
             tx.execute(
-                "UPDATE deliveries SET state = 'expired', last_error_code = $2, last_error = $3,
-                    updated_at = now() WHERE id = ANY($1)",
-                &[&ids, &CANCELLED, &detail],
-            )
-            .await?;
-            tx.execute(
-                "INSERT INTO delivery_events (delivery_id, state, source, detail, trace_id)
-                 SELECT u.id, 'expired', 'api', $2, $3 FROM UNNEST($1::uuid[]) AS u(id)",
+                &history,
                 &[
                     &ids,
                     &json!({ "reason": CANCELLED, "message": detail }),
@@ -181,8 +190,10 @@ impl Store {
                 ],
             )
             .await?;
-            tx.execute("DELETE FROM scheduled_jobs WHERE message_id = $1", &[&id])
+            let unschedule = tx
+                .prepare_cached("DELETE FROM scheduled_jobs WHERE message_id = $1")
                 .await?;
+            tx.execute(&unschedule, &[&id]).await?;
         }
         let mut deltas = vec![(S::Expired, ids.len() as i64)];
         let mut announcements = Vec::with_capacity(pending.len());
@@ -200,13 +211,13 @@ impl Store {
         }
         Self::insert_outbox_many(&tx, &announcements, &[]).await?;
         self.shift_counts(&tx, id, &deltas).await?;
-        let row = tx
-            .query_one(
+        let outcome = tx
+            .prepare_cached(
                 "SELECT m.state, (SELECT count(*) FROM deliveries d WHERE d.message_id = m.id)
                  FROM messages m WHERE m.id = $1",
-                &[&id],
             )
             .await?;
+        let row = tx.query_one(&outcome, &[&id]).await?;
         tx.commit().await?;
         if !announcements.is_empty() {
             self.outbox_written();

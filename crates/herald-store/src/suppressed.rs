@@ -24,14 +24,32 @@ impl Store {
         let traceparent = herald_telemetry::current_traceparent();
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
+        let insert = tx
+            .prepare_cached(
+                "INSERT INTO deliveries (id, message_id, tenant_id, channel, provider_account,
+                    recipient, state, last_error_code, last_error, traceparent)
+                 VALUES ($1, $2, $3, $4, $5, $6, 'suppressed', $7, $8, $9)
+                 ON CONFLICT (id) DO NOTHING RETURNING id",
+            )
+            .await?;
+        let suppress_queued = tx
+            .prepare_cached(
+                "UPDATE deliveries SET state = 'suppressed', last_error_code = $2,
+                    last_error = $3, updated_at = now()
+                 WHERE id = $1 AND state = 'queued'",
+            )
+            .await?;
+        let history = tx
+            .prepare_cached(
+                "INSERT INTO delivery_events (delivery_id, state, source, detail, trace_id)
+                 VALUES ($1, 'suppressed', 'renderer', $2, $3)",
+            )
+            .await?;
         let mut deltas = Vec::new();
         for d in deliveries {
             let inserted = tx
                 .query_opt(
-                    "INSERT INTO deliveries (id, message_id, tenant_id, channel, provider_account,
-                        recipient, state, last_error_code, last_error, traceparent)
-                     VALUES ($1, $2, $3, $4, $5, $6, 'suppressed', $7, $8, $9)
-                     ON CONFLICT (id) DO NOTHING RETURNING id",
+                    &insert,
                     &[
                         &d.id,
                         &message_id,
@@ -49,12 +67,7 @@ impl Store {
                 // Created before (a redelivered request): only a delivery still `queued` (its
                 // job perhaps never published) is suppressed now; anything later stays.
                 let updated = tx
-                    .execute(
-                        "UPDATE deliveries SET state = 'suppressed', last_error_code = $2,
-                            last_error = $3, updated_at = now()
-                         WHERE id = $1 AND state = 'queued'",
-                        &[&d.id, &reason, &detail],
-                    )
+                    .execute(&suppress_queued, &[&d.id, &reason, &detail])
                     .await?;
                 if updated == 0 {
                     continue;
@@ -63,8 +76,7 @@ impl Store {
             }
             deltas.push((S::Suppressed, 1));
             tx.execute(
-                "INSERT INTO delivery_events (delivery_id, state, source, detail, trace_id)
-                 VALUES ($1, 'suppressed', 'renderer', $2, $3)",
+                &history,
                 &[
                     &d.id,
                     &json!({ "reason": reason, "message": detail }),

@@ -69,24 +69,24 @@ impl Store {
     ) -> Result<VersionCreated, StoreError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
-        tx.execute(
-            "INSERT INTO templates (tenant_id, id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
-            &[&tenant, &id],
-        )
-        .await?;
-        // The row lock serialises concurrent creates of one template.
-        tx.execute(
-            "SELECT 1 FROM templates WHERE tenant_id = $1 AND id = $2 FOR UPDATE",
-            &[&tenant, &id],
-        )
-        .await?;
-        let latest = tx
-            .query_opt(
-                "SELECT version, definition FROM template_versions
-                 WHERE tenant_id = $1 AND template_id = $2 ORDER BY version DESC LIMIT 1",
-                &[&tenant, &id],
+        let ensure = tx
+            .prepare_cached(
+                "INSERT INTO templates (tenant_id, id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
             )
             .await?;
+        tx.execute(&ensure, &[&tenant, &id]).await?;
+        // The row lock serialises concurrent creates of one template.
+        let lock = tx
+            .prepare_cached("SELECT 1 FROM templates WHERE tenant_id = $1 AND id = $2 FOR UPDATE")
+            .await?;
+        tx.execute(&lock, &[&tenant, &id]).await?;
+        let select_latest = tx
+            .prepare_cached(
+                "SELECT version, definition FROM template_versions
+                 WHERE tenant_id = $1 AND template_id = $2 ORDER BY version DESC LIMIT 1",
+            )
+            .await?;
+        let latest = tx.query_opt(&select_latest, &[&tenant, &id]).await?;
         let next = match latest {
             Some(row) => {
                 let version: i32 = row.get(0);
@@ -99,12 +99,14 @@ impl Store {
             }
             None => 1,
         };
-        tx.execute(
-            "INSERT INTO template_versions (tenant_id, template_id, version, definition)
-             VALUES ($1, $2, $3, $4)",
-            &[&tenant, &id, &next, definition],
-        )
-        .await?;
+        let insert = tx
+            .prepare_cached(
+                "INSERT INTO template_versions (tenant_id, template_id, version, definition)
+                 VALUES ($1, $2, $3, $4)",
+            )
+            .await?;
+        tx.execute(&insert, &[&tenant, &id, &next, definition])
+            .await?;
         tx.commit().await?;
         Ok(VersionCreated::New(next))
     }
@@ -121,25 +123,26 @@ impl Store {
     ) -> Result<Option<bool>, StoreError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
-        let exists = tx
-            .query_opt(
+        let select_version = tx
+            .prepare_cached(
                 "SELECT 1 FROM template_versions
                  WHERE tenant_id = $1 AND template_id = $2 AND version = $3",
-                &[&tenant, &id, &version],
             )
+            .await?;
+        let exists = tx
+            .query_opt(&select_version, &[&tenant, &id, &version])
             .await?
             .is_some();
         if !exists {
             return Ok(None);
         }
-        let moved = tx
-            .execute(
+        let publish = tx
+            .prepare_cached(
                 "UPDATE templates SET published_version = $3
                  WHERE tenant_id = $1 AND id = $2 AND published_version IS DISTINCT FROM $3",
-                &[&tenant, &id, &version],
             )
-            .await?
-            > 0;
+            .await?;
+        let moved = tx.execute(&publish, &[&tenant, &id, &version]).await? > 0;
         if moved && let Some(message) = announce {
             Self::insert_outbox(&tx, message).await?;
         }
@@ -175,16 +178,17 @@ impl Store {
         id: &str,
         version: Option<i32>,
     ) -> Result<Option<TemplateRecord>, StoreError> {
-        let row = self
-            .client()
-            .await?
-            .query_opt(
+        let client = self.client().await?;
+        let statement = client
+            .prepare_cached(
                 "SELECT v.version, v.definition FROM templates t
                  JOIN template_versions v ON v.tenant_id = t.tenant_id AND v.template_id = t.id
                  WHERE t.tenant_id = $1 AND t.id = $2
                    AND v.version = COALESCE($3, t.published_version)",
-                &[&tenant, &id, &version],
             )
+            .await?;
+        let row = client
+            .query_opt(&statement, &[&tenant, &id, &version])
             .await?;
         Ok(row.map(|r| TemplateRecord {
             id: id.to_string(),
@@ -195,10 +199,9 @@ impl Store {
 
     /// A tenant's templates, by id, described by their latest version.
     pub async fn list_templates(&self, tenant: &str) -> Result<Vec<TemplateSummary>, StoreError> {
-        let rows = self
-            .client()
-            .await?
-            .query(
+        let client = self.client().await?;
+        let statement = client
+            .prepare_cached(
                 "SELECT t.id, t.published_version, v.version, v.created_at,
                         COALESCE(v.definition->>'description', ''),
                         COALESCE(v.definition->>'category', '')
@@ -208,9 +211,9 @@ impl Store {
                                ORDER BY version DESC LIMIT 1) v ON true
                  WHERE t.tenant_id = $1
                  ORDER BY t.id",
-                &[&tenant],
             )
             .await?;
+        let rows = client.query(&statement, &[&tenant]).await?;
         Ok(rows
             .iter()
             .map(|r| TemplateSummary {
@@ -231,22 +234,23 @@ impl Store {
         id: &str,
     ) -> Result<Option<TemplateHistory>, StoreError> {
         let client = self.client().await?;
-        let Some(template) = client
-            .query_opt(
+        let select_template = client
+            .prepare_cached(
                 "SELECT published_version FROM templates WHERE tenant_id = $1 AND id = $2",
-                &[&tenant, &id],
             )
-            .await?
-        else {
+            .await?;
+        let Some(template) = client.query_opt(&select_template, &[&tenant, &id]).await? else {
             return Ok(None);
         };
         let published_version: Option<i32> = template.get(0);
-        let versions = client
-            .query(
+        let select_versions = client
+            .prepare_cached(
                 "SELECT version, created_at, definition FROM template_versions
                  WHERE tenant_id = $1 AND template_id = $2 ORDER BY version DESC",
-                &[&tenant, &id],
             )
+            .await?;
+        let versions = client
+            .query(&select_versions, &[&tenant, &id])
             .await?
             .iter()
             .map(|r| {

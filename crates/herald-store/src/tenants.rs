@@ -18,24 +18,26 @@ impl Store {
         name: &str,
         amqp_user: Option<&str>,
     ) -> Result<(), StoreError> {
-        self.client()
-            .await?
-            .execute(
+        let client = self.client().await?;
+        let statement = client
+            .prepare_cached(
                 "INSERT INTO tenants (id, name, amqp_user) VALUES ($1, $2, $3)
                  ON CONFLICT (id) DO UPDATE SET name = EXCLUDED.name, amqp_user = EXCLUDED.amqp_user",
-                &[&id, &name, &amqp_user],
             )
+            .await?;
+        client
+            .execute(&statement, &[&id, &name, &amqp_user])
             .await?;
         Ok(())
     }
 
     /// The tenant whose AMQP publishes come from `user` (RabbitMQ's validated user_id).
     pub async fn tenant_for_amqp_user(&self, user: &str) -> Result<Option<String>, StoreError> {
-        let row = self
-            .client()
-            .await?
-            .query_opt("SELECT id FROM tenants WHERE amqp_user = $1", &[&user])
+        let client = self.client().await?;
+        let statement = client
+            .prepare_cached("SELECT id FROM tenants WHERE amqp_user = $1")
             .await?;
+        let row = client.query_opt(&statement, &[&user]).await?;
         Ok(row.map(|r| r.get(0)))
     }
 
@@ -51,11 +53,16 @@ impl Store {
     /// Registers a key chosen by the operator (seeding a known dev key); idempotent.
     pub async fn insert_api_key(&self, tenant: &str, key: &str) -> Result<(), StoreError> {
         let prefix: String = key.chars().take(8).collect();
-        self.client()
-            .await?
-            .execute(
+        let client = self.client().await?;
+        let statement = client
+            .prepare_cached(
                 "INSERT INTO api_keys (id, tenant_id, key_prefix, key_hash) VALUES ($1, $2, $3, $4)
                  ON CONFLICT (key_hash) DO NOTHING",
+            )
+            .await?;
+        client
+            .execute(
+                &statement,
                 &[&Uuid::now_v7(), &tenant, &prefix, &key_hash(key)],
             )
             .await?;
@@ -64,14 +71,13 @@ impl Store {
 
     /// The tenant an API key belongs to, unless unknown or revoked.
     pub async fn tenant_for_api_key(&self, key: &str) -> Result<Option<String>, StoreError> {
-        let row = self
-            .client()
-            .await?
-            .query_opt(
+        let client = self.client().await?;
+        let statement = client
+            .prepare_cached(
                 "SELECT tenant_id FROM api_keys WHERE key_hash = $1 AND revoked_at IS NULL",
-                &[&key_hash(key)],
             )
             .await?;
+        let row = client.query_opt(&statement, &[&key_hash(key)]).await?;
         Ok(row.map(|r| r.get(0)))
     }
 
@@ -85,13 +91,18 @@ impl Store {
         app_id: &str,
         is_default: bool,
     ) -> Result<(), StoreError> {
-        self.client()
-            .await?
-            .execute(
+        let client = self.client().await?;
+        let statement = client
+            .prepare_cached(
                 "INSERT INTO provider_accounts (id, tenant_id, kind, channel, app_id, is_default)
                  VALUES ($1, $2, $3, $4, $5, $6)
                  ON CONFLICT (id) DO UPDATE SET tenant_id = EXCLUDED.tenant_id, kind = EXCLUDED.kind,
                    channel = EXCLUDED.channel, app_id = EXCLUDED.app_id, is_default = EXCLUDED.is_default",
+            )
+            .await?;
+        client
+            .execute(
+                &statement,
                 &[&id, &tenant, &kind, &channel, &app_id, &is_default],
             )
             .await?;
@@ -106,13 +117,14 @@ impl Store {
         account: &str,
         channel: &str,
     ) -> Result<bool, StoreError> {
-        let row = self
-            .client()
-            .await?
-            .query_opt(
+        let client = self.client().await?;
+        let statement = client
+            .prepare_cached(
                 "SELECT 1 FROM provider_accounts WHERE id = $1 AND tenant_id = $2 AND channel = $3",
-                &[&account, &tenant, &channel],
             )
+            .await?;
+        let row = client
+            .query_opt(&statement, &[&account, &tenant, &channel])
             .await?;
         Ok(row.is_some())
     }
@@ -123,20 +135,19 @@ impl Store {
         tenant: &str,
         channel: &str,
     ) -> Result<Option<String>, StoreError> {
-        let row = self
-            .client()
-            .await?
-            // One provider account serves every channel of its provider (a WeChat Official
-            // Account sends template and subscribe messages): the account registered for the
-            // channel itself wins, else the default of a sibling channel (`wechat.*`).
-            .query_opt(
+        let client = self.client().await?;
+        // One provider account serves every channel of its provider (a WeChat Official
+        // Account sends template and subscribe messages): the account registered for the
+        // channel itself wins, else the default of a sibling channel (`wechat.*`).
+        let statement = client
+            .prepare_cached(
                 "SELECT id FROM provider_accounts \
                  WHERE tenant_id = $1 AND is_default \
                    AND split_part(channel, '.', 1) = split_part($2, '.', 1) \
                  ORDER BY channel = $2 DESC, channel LIMIT 1",
-                &[&tenant, &channel],
             )
             .await?;
+        let row = client.query_opt(&statement, &[&tenant, &channel]).await?;
         Ok(row.map(|r| r.get(0)))
     }
 }

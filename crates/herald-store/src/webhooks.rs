@@ -48,44 +48,41 @@ impl Store {
         url: &str,
         secret: &str,
     ) -> Result<TenantWebhook, StoreError> {
-        let row = self
-            .client()
-            .await?
-            .query_one(
+        let client = self.client().await?;
+        let statement = client
+            .prepare_cached(
                 "INSERT INTO tenant_webhooks (tenant_id, url, secret) VALUES ($1, $2, $3)
                  ON CONFLICT (tenant_id) DO UPDATE
                    SET url = EXCLUDED.url, secret = EXCLUDED.secret, enabled = true, updated_at = now()
                  RETURNING tenant_id, url, secret, enabled, created_at, updated_at",
-                &[&tenant, &url, &secret],
             )
+            .await?;
+        let row = client
+            .query_one(&statement, &[&tenant, &url, &secret])
             .await?;
         Ok(webhook(&row))
     }
 
     /// A tenant's status webhook, if it has one.
     pub async fn tenant_webhook(&self, tenant: &str) -> Result<Option<TenantWebhook>, StoreError> {
-        let row = self
-            .client()
-            .await?
-            .query_opt(
+        let client = self.client().await?;
+        let statement = client
+            .prepare_cached(
                 "SELECT tenant_id, url, secret, enabled, created_at, updated_at
                  FROM tenant_webhooks WHERE tenant_id = $1",
-                &[&tenant],
             )
             .await?;
+        let row = client.query_opt(&statement, &[&tenant]).await?;
         Ok(row.as_ref().map(webhook))
     }
 
     /// Removes a tenant's status webhook; whether there was one.
     pub async fn delete_tenant_webhook(&self, tenant: &str) -> Result<bool, StoreError> {
-        let deleted = self
-            .client()
-            .await?
-            .execute(
-                "DELETE FROM tenant_webhooks WHERE tenant_id = $1",
-                &[&tenant],
-            )
+        let client = self.client().await?;
+        let statement = client
+            .prepare_cached("DELETE FROM tenant_webhooks WHERE tenant_id = $1")
             .await?;
+        let deleted = client.execute(&statement, &[&tenant]).await?;
         Ok(deleted > 0)
     }
 }

@@ -33,12 +33,13 @@ impl Store {
             tx.commit().await?;
             return Ok(from);
         }
-        tx.execute(
-            "UPDATE deliveries SET state = 'deferred', last_error_code = $2, last_error = $3,
-                updated_at = now() WHERE id = $1",
-            &[&id, &code, &message],
-        )
-        .await?;
+        let update = tx
+            .prepare_cached(
+                "UPDATE deliveries SET state = 'deferred', last_error_code = $2, last_error = $3,
+                    updated_at = now() WHERE id = $1",
+            )
+            .await?;
+        tx.execute(&update, &[&id, &code, &message]).await?;
         self.record_change(
             &tx,
             &row,
@@ -60,11 +61,11 @@ impl Store {
 
     /// When the delivery was created (retries give up past a maximum age measured from here).
     pub async fn delivery_created_at(&self, id: Uuid) -> Result<Option<DateTime<Utc>>, StoreError> {
-        let row = self
-            .client()
-            .await?
-            .query_opt("SELECT created_at FROM deliveries WHERE id = $1", &[&id])
+        let client = self.client().await?;
+        let statement = client
+            .prepare_cached("SELECT created_at FROM deliveries WHERE id = $1")
             .await?;
+        let row = client.query_opt(&statement, &[&id]).await?;
         Ok(row.map(|r| r.get(0)))
     }
 
@@ -81,11 +82,12 @@ impl Store {
         if state_of(row.get(4)) != S::Failed {
             return Ok(false);
         }
-        tx.execute(
-            "UPDATE deliveries SET state = 'queued', updated_at = now() WHERE id = $1",
-            &[&id],
-        )
-        .await?;
+        let update = tx
+            .prepare_cached(
+                "UPDATE deliveries SET state = 'queued', updated_at = now() WHERE id = $1",
+            )
+            .await?;
+        tx.execute(&update, &[&id]).await?;
         self.record_change(
             &tx,
             &row,
