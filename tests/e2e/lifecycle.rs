@@ -227,6 +227,71 @@ async fn status_events_with_no_listener_do_not_block_the_outbox() {
     herald_store::drop_database(&db.url).await.expect("drop");
 }
 
+#[tokio::test]
+async fn the_relay_takes_urgent_jobs_before_an_older_backlog() {
+    let db = fresh_store().await;
+    let settings = herald_amqp::AmqpSettings {
+        prefix: format!("herald-test-{}", &Uuid::new_v4().simple().to_string()[..12]),
+        queue_expires_ms: Some(600_000),
+        ..Default::default()
+    };
+    let broker = herald_amqp::Broker::connect(&settings, "tests")
+        .await
+        .expect("broker");
+    broker.declare_topology().await.expect("topology");
+    let store = Store::connect(
+        &StoreSettings {
+            url: db.url.clone(),
+            pool_size: 2,
+        },
+        &broker.topology().status_exchange(),
+    )
+    .await
+    .expect("store");
+    // A backlog of 700 bulk rows (announcements nobody listens to, so publishing them needs
+    // no queue), then one urgent row: more than one relay round's worth ahead of it.
+    let client = raw(&db.url).await;
+    let exchange = broker.topology().status_exchange();
+    client
+        .execute(
+            "INSERT INTO outbox (exchange, routing_key, headers, body, mandatory, priority)
+             SELECT $1, 'status.backlog', '{}'::jsonb, '{}'::bytea, false, 0
+             FROM generate_series(1, 700)",
+            &[&exchange],
+        )
+        .await
+        .expect("backlog");
+    client
+        .execute(
+            "INSERT INTO outbox (exchange, routing_key, headers, body, mandatory, priority)
+             VALUES ($1, 'status.urgent', '{}'::jsonb, '{}'::bytea, false, 9)",
+            &[&exchange],
+        )
+        .await
+        .expect("urgent row");
+    let first_round = store.relay_once(&broker.publisher()).await.expect("relay");
+    assert!(first_round < 701, "one round takes a batch, not everything");
+    let urgent_left: i64 = client
+        .query_one(
+            "SELECT count(*) FROM outbox WHERE routing_key = 'status.urgent'",
+            &[],
+        )
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(urgent_left, 0, "the urgent row went in the first round");
+    while store.relay_once(&broker.publisher()).await.expect("relay") > 0 {}
+    let left: i64 = client
+        .query_one("SELECT count(*) FROM outbox", &[])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(left, 0, "the backlog follows");
+    broker.delete_topology().await.expect("delete topology");
+    broker.close().await;
+    herald_store::drop_database(&db.url).await.expect("drop");
+}
+
 async fn raw(url: &str) -> tokio_postgres::Client {
     let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
         .await

@@ -186,7 +186,8 @@ impl Store {
         }
     }
 
-    /// Publishes one batch of outbox rows (oldest first) and deletes them once all are
+    /// Publishes one batch of outbox rows (urgent and high-priority jobs first, then oldest
+    /// first) and deletes them once all are
     /// confirmed; returns how many. On any failure nothing is deleted (the batch is retried,
     /// so a row may be published twice, never lost).
     pub async fn relay_once(&self, publisher: &Publisher) -> Result<usize, String> {
@@ -234,17 +235,34 @@ impl Store {
         };
         let mut client = self.client().await.map_err(|e| e.to_string())?;
         let tx = client.transaction().await.map_err(|e| e.to_string())?;
-        let select = tx
+        // Urgent and high-priority jobs first (their own index), then every row oldest first:
+        // a campaign's jobs written earlier do not hold up an urgent one.
+        let urgent_first = tx
             .prepare_cached(
                 "SELECT id, exchange, routing_key, headers, body, mandatory, message_id, priority FROM outbox
-                 ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+                 WHERE priority > 3 ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
             )
             .await
             .map_err(|e| e.to_string())?;
-        let rows = tx
-            .query(&select, &[&BATCH])
+        let mut rows = tx
+            .query(&urgent_first, &[&BATCH])
             .await
             .map_err(|e| e.to_string())?;
+        if (rows.len() as i64) < BATCH {
+            let oldest_first = tx
+                .prepare_cached(
+                    "SELECT id, exchange, routing_key, headers, body, mandatory, message_id, priority FROM outbox
+                     WHERE NOT coalesce(priority > 3, false) ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+            let rest = BATCH - rows.len() as i64;
+            rows.extend(
+                tx.query(&oldest_first, &[&rest])
+                    .await
+                    .map_err(|e| e.to_string())?,
+            );
+        }
         if rows.is_empty() {
             return Ok(0);
         }
