@@ -242,6 +242,9 @@ impl Renderer {
             })?;
         let id = message_id(&request, delivery)?;
         tracing::Span::current().record("herald.message_id", tracing::field::display(id));
+        // Decided on the body (the stored request of a redelivery is the same one), so a
+        // moved request is not read back and parsed again here.
+        let to_bulk_lane = lane == RenderLane::Intake && self.is_bulk_work(&request);
         // The checks the ingress makes of a REST request, for one that came over AMQP: it is
         // stored, then rejected naming the field (before its stored form is read back, which
         // a time past year 9999 would not survive).
@@ -285,14 +288,14 @@ impl Renderer {
         if let Err(error) = checked {
             return Err(fanout::rejected(id, error.field, error.message));
         }
+        if to_bulk_lane {
+            return self.move_to_bulk_lane(delivery, id).await;
+        }
         let request: NotificationRequest =
             serde_json::from_value(record.request.clone()).map_err(|e| Failure::Poison {
                 reason: "decode_error",
                 detail: format!("stored request: {e}"),
             })?;
-        if lane == RenderLane::Intake && self.is_bulk_work(&request) {
-            return self.move_to_bulk_lane(delivery, id).await;
-        }
         self.fan_out(&record, &request).await
     }
 
