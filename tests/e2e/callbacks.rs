@@ -160,7 +160,7 @@ async fn make_deliveries(store: &Store, recipients: &[String]) -> (Uuid, Vec<Uui
             tenant_id: demo::TENANT.into(),
             template_id: demo::TEMPLATE.into(),
             idempotency_key: None,
-            request: json!({}),
+            request: "{}".into(),
             request_hash: message.as_bytes().to_vec(),
             source: "amqp",
             traceparent: None,

@@ -41,7 +41,7 @@ async fn one_delivery(store: &Store) -> Uuid {
             tenant_id: "t1".into(),
             template_id: "order_shipped".into(),
             idempotency_key: None,
-            request: serde_json::json!({}),
+            request: "{}".into(),
             request_hash: vec![1],
             source: "amqp",
             traceparent: None,

@@ -295,7 +295,7 @@ async fn accept(
                     .map(|t| t.id.clone())
                     .unwrap_or_default(),
                 idempotency_key: Some(request.idempotency_key.clone()).filter(|k| !k.is_empty()),
-                request: serde_json::from_slice(&body).unwrap_or_default(),
+                request: String::from_utf8_lossy(&body).into_owned(),
                 request_hash,
                 source: "rest",
                 traceparent,

@@ -264,7 +264,10 @@ impl Renderer {
                     .as_ref()
                     .map(|t| t.id.clone())
                     .unwrap_or_default();
-                let json = serde_json::to_value(&request).unwrap_or_default();
+                let json = serde_json::to_string(&request).map_err(|e| Failure::Poison {
+                    reason: "decode_error",
+                    detail: format!("request not storable as JSON: {e}"),
+                })?;
                 self.store
                     .ensure_message(&NewMessage {
                         id,
@@ -292,7 +295,7 @@ impl Renderer {
             return self.move_to_bulk_lane(delivery, id).await;
         }
         let request: NotificationRequest =
-            serde_json::from_value(record.request.clone()).map_err(|e| Failure::Poison {
+            serde_json::from_str(&record.request).map_err(|e| Failure::Poison {
                 reason: "decode_error",
                 detail: format!("stored request: {e}"),
             })?;

@@ -150,7 +150,7 @@ async fn run(
                 tenant_id: TENANT.into(),
                 template_id: "order_shipped".into(),
                 idempotency_key: None,
-                request: serde_json::json!({}),
+                request: "{}".into(),
                 request_hash: message_id.as_bytes().to_vec(),
                 source: "amqp",
                 traceparent: None,
