@@ -608,8 +608,8 @@ impl Ctx<'_> {
         );
         let start = now();
         self.publish(requests, None).await?;
-        // Urgent notifications published straight after the bulk requests wait behind them in
-        // the one render queue.
+        // Urgent notifications published straight after the bulk requests arrive behind them
+        // on the render queue, and wait for the renderer to move those to the bulk lane.
         eprintln!("  {during_render_n} urgent while the bulk requests render …");
         let render_phase = self.urgent_batch("ur", during_render_n).await?;
         // Then wait until the whole backlog is rendered and queued on the bulk lane.
