@@ -190,25 +190,7 @@ async fn transitions_are_monotonic() {
 
 #[tokio::test]
 async fn status_events_with_no_listener_do_not_block_the_outbox() {
-    let db = fresh_store().await;
-    let settings = herald_amqp::AmqpSettings {
-        prefix: format!("herald-test-{}", &Uuid::new_v4().simple().to_string()[..12]),
-        queue_expires_ms: Some(600_000),
-        ..Default::default()
-    };
-    let broker = herald_amqp::Broker::connect(&settings, "tests")
-        .await
-        .expect("broker");
-    broker.declare_topology().await.expect("topology");
-    let store = Store::connect(
-        &StoreSettings {
-            url: db.url.clone(),
-            pool_size: 2,
-        },
-        &broker.topology().status_exchange(),
-    )
-    .await
-    .expect("store");
+    let (db, broker, store) = with_broker().await;
     // Creating a delivery announces `queued` on the status exchange, which nobody binds here.
     one_delivery(&store).await;
     assert_eq!(store.relay_once(&broker.publisher()).await, Ok(1));
@@ -222,32 +204,12 @@ async fn status_events_with_no_listener_do_not_block_the_outbox() {
         left, 0,
         "an announcement nobody listens to is published and gone"
     );
-    broker.delete_topology().await.expect("delete topology");
-    broker.close().await;
-    herald_store::drop_database(&db.url).await.expect("drop");
+    end_with_broker(db, broker).await;
 }
 
 #[tokio::test]
 async fn the_relay_takes_urgent_jobs_before_an_older_backlog() {
-    let db = fresh_store().await;
-    let settings = herald_amqp::AmqpSettings {
-        prefix: format!("herald-test-{}", &Uuid::new_v4().simple().to_string()[..12]),
-        queue_expires_ms: Some(600_000),
-        ..Default::default()
-    };
-    let broker = herald_amqp::Broker::connect(&settings, "tests")
-        .await
-        .expect("broker");
-    broker.declare_topology().await.expect("topology");
-    let store = Store::connect(
-        &StoreSettings {
-            url: db.url.clone(),
-            pool_size: 2,
-        },
-        &broker.topology().status_exchange(),
-    )
-    .await
-    .expect("store");
+    let (db, broker, store) = with_broker().await;
     // A backlog of 700 bulk rows (announcements nobody listens to, so publishing them needs
     // no queue), then one urgent row: more than one relay round's worth ahead of it.
     let client = raw(&db.url).await;
@@ -287,6 +249,34 @@ async fn the_relay_takes_urgent_jobs_before_an_older_backlog() {
         .expect("count")
         .get(0);
     assert_eq!(left, 0, "the backlog follows");
+    end_with_broker(db, broker).await;
+}
+
+/// A fresh database, a topology under its own prefix, and a store that relays to it.
+async fn with_broker() -> (Db, herald_amqp::Broker, Store) {
+    let db = fresh_store().await;
+    let settings = herald_amqp::AmqpSettings {
+        prefix: format!("herald-test-{}", &Uuid::new_v4().simple().to_string()[..12]),
+        queue_expires_ms: Some(600_000),
+        ..Default::default()
+    };
+    let broker = herald_amqp::Broker::connect(&settings, "tests")
+        .await
+        .expect("broker");
+    broker.declare_topology().await.expect("topology");
+    let store = Store::connect(
+        &StoreSettings {
+            url: db.url.clone(),
+            pool_size: 2,
+        },
+        &broker.topology().status_exchange(),
+    )
+    .await
+    .expect("store");
+    (db, broker, store)
+}
+
+async fn end_with_broker(db: Db, broker: herald_amqp::Broker) {
     broker.delete_topology().await.expect("delete topology");
     broker.close().await;
     herald_store::drop_database(&db.url).await.expect("drop");

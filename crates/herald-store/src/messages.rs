@@ -108,7 +108,7 @@ async fn insert_message(
             "INSERT INTO messages (id, tenant_id, template_id, idempotency_key, request_hash,
                 request, source, state, traceparent)
              VALUES ($1, $2, $3, $4, $5, $6::text::jsonb, $7, 'accepted', $8)
-             ON CONFLICT DO NOTHING RETURNING id",
+             ON CONFLICT DO NOTHING RETURNING id, tenant_id, state, traceparent",
         )
         .await?;
     Ok(client
@@ -197,7 +197,17 @@ impl Store {
     /// Stores a message that arrived over AMQP unless one with its id exists; returns the
     /// stored one either way (the stored request wins over a replayed body).
     pub async fn ensure_message(&self, message: &NewMessage) -> Result<MessageRecord, StoreError> {
-        insert_message(&self.client().await?, message).await?;
+        // Inserted: the record is what was just written (not read back: the request can be
+        // thousands of recipients long).
+        if let Some(row) = insert_message(&self.client().await?, message).await? {
+            return Ok(MessageRecord {
+                id: row.get(0),
+                tenant_id: row.get(1),
+                request: message.request.clone(),
+                state: row.get(2),
+                traceparent: row.get(3),
+            });
+        }
         if let Some(record) = self.message(message.id).await? {
             return Ok(record);
         }
