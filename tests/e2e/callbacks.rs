@@ -155,7 +155,7 @@ async fn msgid_of(env: &TestEnv, message_id: &str) -> String {
 async fn make_deliveries(store: &Store, recipients: &[String]) -> (Uuid, Vec<Uuid>) {
     let message = Uuid::now_v7();
     store
-        .ensure_message(&NewMessage {
+        .ensure_message(NewMessage {
             id: message,
             tenant_id: demo::TENANT.into(),
             template_id: demo::TEMPLATE.into(),

@@ -36,7 +36,7 @@ async fn fresh_store() -> Db {
 async fn one_delivery(store: &Store) -> Uuid {
     let message = Uuid::now_v7();
     store
-        .ensure_message(&NewMessage {
+        .ensure_message(NewMessage {
             id: message,
             tenant_id: "t1".into(),
             template_id: "order_shipped".into(),

@@ -269,7 +269,7 @@ impl Renderer {
                     detail: format!("request not storable as JSON: {e}"),
                 })?;
                 self.store
-                    .ensure_message(&NewMessage {
+                    .ensure_message(NewMessage {
                         id,
                         tenant_id: tenant,
                         template_id,

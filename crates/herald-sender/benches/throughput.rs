@@ -145,7 +145,7 @@ async fn run(
         let delivery_id = Uuid::now_v7();
         let openid = format!("oBench{n:022}");
         store
-            .ensure_message(&NewMessage {
+            .ensure_message(NewMessage {
                 id: message_id,
                 tenant_id: TENANT.into(),
                 template_id: "order_shipped".into(),

@@ -196,14 +196,14 @@ impl Store {
 
     /// Stores a message that arrived over AMQP unless one with its id exists; returns the
     /// stored one either way (the stored request wins over a replayed body).
-    pub async fn ensure_message(&self, message: &NewMessage) -> Result<MessageRecord, StoreError> {
+    pub async fn ensure_message(&self, message: NewMessage) -> Result<MessageRecord, StoreError> {
         // Inserted: the record is what was just written (not read back: the request can be
         // thousands of recipients long).
-        if let Some(row) = insert_message(&self.client().await?, message).await? {
+        if let Some(row) = insert_message(&self.client().await?, &message).await? {
             return Ok(MessageRecord {
                 id: row.get(0),
                 tenant_id: row.get(1),
-                request: message.request.clone(),
+                request: message.request,
                 state: row.get(2),
                 traceparent: row.get(3),
             });
