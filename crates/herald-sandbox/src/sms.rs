@@ -678,49 +678,20 @@ fn aliyun_error_with(status: StatusCode, code: &str, message: &str) -> (String, 
 
 /// `application/x-www-form-urlencoded` pairs, decoded (`+` is a space).
 fn form_pairs(text: &str) -> Vec<(String, String)> {
-    fn decode(part: &str) -> String {
-        let bytes = part.as_bytes();
-        let mut out = Vec::with_capacity(bytes.len());
-        let mut i = 0;
-        while i < bytes.len() {
-            match bytes[i] {
-                b'+' => out.push(b' '),
-                b'%' if i + 2 < bytes.len() => {
-                    match u8::from_str_radix(part.get(i + 1..i + 3).unwrap_or("zz"), 16) {
-                        Ok(b) => {
-                            out.push(b);
-                            i += 2;
-                        }
-                        Err(_) => out.push(b'%'),
-                    }
-                }
-                b => out.push(b),
-            }
-            i += 1;
-        }
-        String::from_utf8_lossy(&out).into_owned()
-    }
-    text.split('&')
-        .filter(|p| !p.is_empty())
-        .map(|pair| {
-            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            (decode(k), decode(v))
-        })
+    form_urlencoded::parse(text.as_bytes())
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
         .collect()
 }
 
-/// Aliyun's POP encoding: URL-encode, then `+`→`%20`, `*`→`%2A`, `%7E`→`~` (what its SDKs do).
+/// Aliyun's POP encoding: URL-encode, then `+`→`%20`, `*`→`%2A`, `%7E`→`~` (what its SDKs do),
+/// i.e. every byte but RFC 3986's unreserved characters encoded.
 fn pop_encode(text: &str) -> String {
-    const KEEP: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.~";
-    text.bytes()
-        .map(|b| {
-            if KEEP.contains(&b) {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
+    const RESERVED: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+        .remove(b'-')
+        .remove(b'_')
+        .remove(b'.')
+        .remove(b'~');
+    percent_encoding::utf8_percent_encode(text, RESERVED).to_string()
 }
 
 /// The signature Aliyun expects, and the string it signed (its error message shows it).

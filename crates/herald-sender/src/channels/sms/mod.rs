@@ -504,16 +504,15 @@ impl Channel for Sms {
 /// (`A-Z a-z 0-9 - _ . ~`) as they are, every other byte of the UTF-8 as `%XY` (so a space is
 /// `%20`, `*` is `%2A`).
 pub fn percent_encode(value: &str) -> String {
-    let mut out = String::with_capacity(value.len() * 3);
-    for byte in value.bytes() {
-        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'_' | b'.' | b'~') {
-            out.push(char::from(byte));
-        } else {
-            out.push_str(&format!("%{byte:02X}"));
-        }
-    }
-    out
+    percent_encoding::utf8_percent_encode(value, RFC3986_RESERVED).to_string()
 }
+
+/// Everything but RFC 3986's unreserved characters.
+const RFC3986_RESERVED: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.')
+    .remove(b'~');
 
 #[cfg(test)]
 mod tests {
