@@ -859,23 +859,10 @@ async fn every_accepted_notification_ends_final_once_through_faults() {
 /// exact, and 0 while the broker is away).
 async fn dead_depth(settings: &AmqpSettings, queue: &str) -> u32 {
     let depth = async {
-        let connection = herald_amqp::lapin::Connection::connect(&settings.url, Default::default())
-            .await
-            .ok()?;
-        let channel = connection.create_channel().await.ok()?;
-        let declared = channel
-            .queue_declare(
-                queue.into(),
-                herald_amqp::lapin::options::QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .ok()?;
-        let _ = connection.close(200, "OK".into()).await;
-        Some(declared.message_count())
+        let broker = Broker::connect(settings, "fault-depth").await.ok()?;
+        let depth = broker.queue_depth(queue).await.ok();
+        broker.close().await;
+        depth
     };
     tokio::time::timeout(Duration::from_secs(5), depth)
         .await

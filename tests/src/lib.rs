@@ -413,20 +413,7 @@ impl TestEnv {
 
     /// Messages ready in `queue` right now (a passive declare: exact, unlike rabbitmqctl).
     pub async fn queue_depth(&self, queue: &str) -> u32 {
-        let channel = self.broker.open_channel().await.expect("channel");
-        let declared = channel
-            .queue_declare(
-                queue.into(),
-                herald_amqp::lapin::options::QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .expect("queue exists");
-        let _ = channel.close(200, "OK".into()).await;
-        declared.message_count()
+        self.broker.queue_depth(queue).await.expect("queue exists")
     }
 }
 

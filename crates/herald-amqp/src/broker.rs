@@ -217,6 +217,14 @@ impl Broker {
         within(CHANNEL_TIMEOUT, connection.create_channel()).await
     }
 
+    /// Messages ready in `queue` now (see [`crate::depth::queue_depth`]), on a channel of its own.
+    pub async fn queue_depth(&self, queue: &str) -> Result<u32, AmqpError> {
+        let channel = self.open_channel().await?;
+        let depth = crate::depth::queue_depth(&channel, queue).await;
+        let _ = channel.close(200, "OK".into()).await;
+        depth
+    }
+
     /// Subscribes a private, server-named queue (gone when this connection closes) to
     /// `exchange` with `binding_key`: how a producer or an operator watches status events.
     /// Such a subscription is not renewed: when the connection is lost, `next` answers an

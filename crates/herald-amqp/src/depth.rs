@@ -51,16 +51,22 @@ pub(crate) fn spawn(broker: Broker, queue: String, stop: CancellationToken) {
     });
 }
 
-async fn depth(channel: &Channel, queue: &str) -> Option<f64> {
+/// Messages ready in `queue` now: a passive declare, exact (unlike the management API's
+/// sampled numbers). A missing queue is an error, and closes `channel`.
+pub async fn queue_depth(channel: &Channel, queue: &str) -> Result<u32, crate::AmqpError> {
     let options = QueueDeclareOptions {
         passive: true,
         ..Default::default()
     };
     let declared = channel
         .queue_declare(queue.into(), options, FieldTable::default())
-        .await;
-    match declared {
-        Ok(declared) => Some(f64::from(declared.message_count())),
+        .await?;
+    Ok(declared.message_count())
+}
+
+async fn depth(channel: &Channel, queue: &str) -> Option<f64> {
+    match queue_depth(channel, queue).await {
+        Ok(depth) => Some(f64::from(depth)),
         Err(error) => {
             tracing::debug!(queue, %error, "queue depth not sampled");
             None

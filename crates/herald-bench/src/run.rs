@@ -9,8 +9,6 @@ use herald_amqp::{Lane, Topology};
 use herald_contract::channels;
 use herald_contract::v1::Priority;
 use lapin::Connection;
-use lapin::options::QueueDeclareOptions;
-use lapin::types::FieldTable;
 use serde::Serialize;
 use uuid::Uuid;
 
@@ -548,18 +546,9 @@ impl Ctx<'_> {
 
     async fn queue_depth(&self, queue: &str) -> anyhow::Result<u32> {
         let channel = self.amqp.create_channel().await?;
-        let declared = channel
-            .queue_declare(
-                queue.into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await?;
+        let depth = herald_amqp::depth::queue_depth(&channel, queue).await;
         let _ = channel.close(200, "OK".into()).await;
-        Ok(declared.message_count())
+        Ok(depth?)
     }
 
     async fn urgent_batch(&self, tag: &str, n: usize) -> anyhow::Result<Vec<Timeline>> {
